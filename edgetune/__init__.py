@@ -1,0 +1,20 @@
+"""edgetune: fine-tune language models inside the memory of one consumer GPU, edge board or CPU.
+
+Importing edgetune loads nothing heavy and touches no GPU; the API functions import what they need.
+"""
+
+__version__ = "0.1.0"
+
+_API = ("device_profile", "device_profiles", "devices", "model_source", "probe")
+__all__ = ["EdgetuneError", "__version__", *_API]
+
+from edgetune.errors import EdgetuneError  # noqa: E402
+
+
+def __getattr__(name: str):
+    # Lazy so that `import edgetune` stays cheap: the API pulls in torch and transformers.
+    if name in _API:
+        from edgetune import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'edgetune' has no attribute {name!r}")

@@ -1,0 +1,141 @@
+"""``edgetune`` command line: a thin layer that parses arguments, calls the API and formats results.
+
+Errors a user can fix are printed as one line and exit with code 2; ``--debug`` shows the traceback instead.
+"""
+
+import argparse
+import json
+import logging
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+
+from edgetune import __version__
+from edgetune.errors import EdgetuneError
+
+EXIT_USAGE = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI and return the process exit code."""
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits on --help (0) and on usage errors (2)
+        return int(exc.code or 0)
+    _configure_output(args.debug)
+    try:
+        return args.handler(args)
+    except EdgetuneError as exc:
+        if args.debug:
+            raise
+        print(f"edgetune: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("edgetune: interrupted", file=sys.stderr)
+        return 130
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edgetune", description="Fine-tune language models in the memory of one consumer GPU, edge board or CPU."
+    )
+    parser.add_argument("--version", action="version", version=f"edgetune {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and library warnings")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # --debug is accepted before or after the subcommand; SUPPRESS keeps the subcommand from resetting it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    _add_devices(commands, common)
+    _add_probe(commands, common)
+    return parser
+
+
+def _add_devices(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    sub = commands.add_parser(
+        "devices", parents=[common], help="free memory of this machine's GPUs (or CPU), or the device profiles"
+    )
+    sub.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    sub.add_argument("--profiles", action="store_true", help="list the bundled device profiles instead")
+    sub.set_defaults(handler=_run_devices)
+
+
+def _run_devices(args: argparse.Namespace) -> int:
+    from edgetune import api
+
+    if args.profiles:
+        from edgetune.profiles import format_profiles_table
+
+        profiles = api.device_profiles()
+        _emit(args.json, [p.to_dict() for p in profiles], lambda: format_profiles_table(profiles))
+    else:
+        from edgetune.device import format_devices_table
+
+        devices = api.devices()
+        _emit(args.json, [d.to_dict() for d in devices], lambda: format_devices_table(devices))
+    return 0
+
+
+def _add_probe(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    from edgetune.probe import ProbeConfig
+
+    defaults = ProbeConfig()
+    sub = commands.add_parser(
+        "probe",
+        parents=[common],
+        help="measure real training steps (loss, time, peak memory) of a model on a data set",
+        description="Load the model the way edgetune trains it, run a few training steps on real text and "
+        "report loss, speed and peak memory. With no arguments: SmolLM2-135M, 4-bit NF4 base, LoRA r=16, "
+        "gradient checkpointing, AdamW, on the bundled Pride and Prejudice text.",
+    )
+    sub.add_argument("--model", default=defaults.model, help="smollm2-135m, a model folder or a cached hub id")
+    sub.add_argument("--precision", default=defaults.precision, choices=["fp32", "bf16", "nf4"])
+    sub.add_argument("--lora-rank", type=int, default=defaults.lora_rank, help="0 = full fine-tuning")
+    sub.add_argument("--lora-alpha", type=float, default=defaults.lora_alpha)
+    sub.add_argument("--no-checkpointing", action="store_true", help="keep activations instead of recomputing")
+    sub.add_argument("--optimizer", default=defaults.optimizer, choices=["adamw", "none"])
+    sub.add_argument("--lr", type=float, default=defaults.lr)
+    sub.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    sub.add_argument("--seq-len", type=int, default=defaults.seq_len)
+    sub.add_argument("--steps", type=int, default=defaults.steps)
+    sub.add_argument("--data", default=None, help=".txt, .jsonl or .csv (default: the bundled text)")
+    sub.add_argument("--device", default=defaults.device, help="cpu or cuda[:N]")
+    sub.add_argument("--seed", type=int, default=defaults.seed)
+    sub.add_argument("--json", action="store_true", help="print the result as JSON")
+    sub.set_defaults(handler=_run_probe)
+
+
+def _run_probe(args: argparse.Namespace) -> int:
+    from edgetune import api
+    from edgetune.probe import ProbeConfig, format_probe
+
+    config = ProbeConfig(
+        model=args.model, precision=args.precision, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+        gradient_checkpointing=not args.no_checkpointing, optimizer=args.optimizer, lr=args.lr,
+        batch_size=args.batch_size, seq_len=args.seq_len, steps=args.steps, data=args.data, device=args.device,
+        seed=args.seed,
+    )
+    result = api.probe(config, on_event=lambda message: print(message, file=sys.stderr, flush=True))
+    _emit(args.json, result.to_dict(), lambda: format_probe(result))
+    return 0
+
+
+def _emit(as_json: bool, payload: object, table: Callable[[], str]) -> None:
+    print(json.dumps(payload, indent=2, default=str) if as_json else table())
+
+
+def _configure_output(debug: bool) -> None:
+    """Keep the terminal to edgetune's own messages unless --debug asks for everything."""
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(message)s", stream=sys.stderr)
+    if debug:
+        return
+    warnings.filterwarnings("ignore")
+    for noisy in ("transformers", "peft", "bitsandbytes", "accelerate", "torch", "huggingface_hub", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+        transformers_logging.set_verbosity_error()
+    except ImportError:
+        pass

@@ -1,0 +1,457 @@
+"""Measure the peak memory of a code region on CUDA or CPU, in bytes: ``MemoryProbe``.
+
+On CUDA the figures come from the caching allocator's statistics and NVML. On CPU a dispatch mode
+counts the storages that ops create, the figure comparable with ``torch.cuda.max_memory_allocated``
+(RSS also holds the Python heap, libraries and allocator caches). Peak RSS comes from the kernel's
+high-water mark (VmHWM, reset via /proc/self/clear_refs), else from sampling RSS every 5 ms.
+"""
+
+import dataclasses
+import itertools
+import logging
+import threading
+import weakref
+from collections import deque
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from edgetune.errors import EdgetuneError
+
+logger = logging.getLogger(__name__)
+
+_CLEAR_REFS_PATH = "/proc/self/clear_refs"
+_STATUS_PATH = "/proc/self/status"
+_SAMPLE_INTERVAL_S = 0.005
+# After a reset the high-water mark equals RSS; a larger gap means the kernel ignored the write.
+_RESET_SLACK_BYTES = 4 * 1024 * 1024
+_ROW_PARTS, _COL_PARTS = ("crow_indices", "col_indices", "values"), ("ccol_indices", "row_indices", "values")
+_SPARSE_PARTS = {
+    torch.sparse_coo: ("_indices", "_values"),
+    torch.sparse_csr: _ROW_PARTS,
+    torch.sparse_bsr: _ROW_PARTS,
+    torch.sparse_csc: _COL_PARTS,
+    torch.sparse_bsc: _COL_PARTS,
+}
+# Peak counters are process-wide (VmHWM) or per device (CUDA), so a probe that resets them must
+# first hand the peak so far to the probes already running, or nested probes would lose it.
+_RESET_LOCK = threading.Lock()
+_ACTIVE: list["MemoryProbe"] = []
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryReport:
+    """Memory used by one region, all figures in bytes.
+
+    Args:
+        device: the device measured, e.g. "cpu" or "cuda:0".
+        peak_allocated_bytes: peak of tensor bytes allocated inside the region and live at once.
+        end_allocated_bytes: tensor bytes allocated inside the region still live at its end (on CUDA
+            negative when the region freed more than it kept).
+        baseline_allocated_bytes: CUDA bytes allocated at entry; None on CPU, where tensors made before
+            the region are invisible.
+        peak_reserved_bytes: CUDA ``max_memory_reserved`` (absolute); None on CPU.
+        nvml_used_bytes: device memory used according to NVML at the end; None on CPU or when NVML
+            cannot say (e.g. unified memory on Jetson).
+        peak_rss_bytes: peak resident set size of the whole process during the region.
+        start_rss_bytes: resident set size at entry.
+        source: how peak_allocated_bytes was measured.
+        rss_source: how peak_rss_bytes was measured ("VmHWM" or "psutil-sampling").
+    """
+
+    device: str
+    peak_allocated_bytes: int
+    end_allocated_bytes: int
+    baseline_allocated_bytes: int | None
+    peak_reserved_bytes: int | None
+    nvml_used_bytes: int | None
+    peak_rss_bytes: int
+    start_rss_bytes: int
+    source: str
+    rss_source: str
+
+    def __post_init__(self) -> None:
+        if self.peak_allocated_bytes < 0 or self.peak_rss_bytes < 0 or self.start_rss_bytes < 0:
+            raise ValueError(f"negative memory figure in {self}; peaks and RSS must be >= 0 bytes")
+        if self.end_allocated_bytes > self.peak_allocated_bytes:
+            raise ValueError(
+                f"end_allocated_bytes={self.end_allocated_bytes} exceeds peak_allocated_bytes="
+                f"{self.peak_allocated_bytes}; the peak must include what is live at the end"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns the report as a plain dict (JSON-serialisable)."""
+        return dataclasses.asdict(self)
+
+
+class _StorageTracker(TorchDispatchMode):
+    """Counts the bytes of storages that ops create while this mode is active on this thread.
+
+    Storages that an op's outputs share with its inputs (in-place ops, views, ``out=``) and storages
+    that existed before the mode was entered are not counted, even when an op grows them (resize_).
+    A storage's bytes are subtracted when its last tensor dies (``weakref.finalize`` on the storage).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live_bytes = 0
+        self.peak_bytes = 0
+        self._tracked: dict[int, tuple[int, int, weakref.finalize]] = {}  # key -> (token, nbytes, fin)
+        # Finalizers may fire on any thread or in the middle of bookkeeping (GC), so they only
+        # queue; the queue is drained before each count, which keeps the peak exact.
+        self._freed: deque[tuple[int, int]] = deque()
+        self._tokens = itertools.count()
+
+    def __torch_dispatch__(
+        self, func: Any, types: tuple[type, ...], args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        out = func(*args, **(kwargs or {}))
+        outputs = [t for t in _tensors(out) if t.is_cpu]
+        if outputs:
+            self._count(outputs, args, kwargs)
+        return out
+
+    def _count(self, outputs: list[torch.Tensor], args: tuple[Any, ...], kwargs: dict[str, Any] | None) -> None:
+        self.drain()
+        inputs: set[int] | None = None
+        for tensor in outputs:
+            for storage in _storages(tensor):
+                key = storage._cdata
+                entry = self._tracked.get(key)
+                if entry is not None:
+                    self._regrow(key, entry, storage.nbytes())
+                    continue
+                if inputs is None:
+                    inputs = {s._cdata for t in _tensors((args, kwargs)) for s in _storages(t)}
+                if key not in inputs:
+                    self._track(key, storage)
+
+    def _track(self, key: int, storage: torch.UntypedStorage) -> None:
+        token, nbytes = next(self._tokens), storage.nbytes()
+        fin = weakref.finalize(storage, self._freed.append, (key, token))
+        fin.atexit = False
+        self._tracked[key] = (token, nbytes, fin)
+        self.live_bytes += nbytes
+        self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+
+    def _regrow(self, key: int, entry: tuple[int, int, weakref.finalize], nbytes: int) -> None:
+        # resize_ and out= ops can grow a storage the region created.
+        if nbytes != entry[1]:
+            self._tracked[key] = (entry[0], nbytes, entry[2])
+            self.live_bytes += nbytes - entry[1]
+            self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+
+    def drain(self) -> None:
+        """Subtracts the storages freed since the last call."""
+        while self._freed:
+            key, token = self._freed.popleft()
+            entry = self._tracked.get(key)
+            if entry is not None and entry[0] == token:
+                del self._tracked[key]
+                self.live_bytes -= entry[1]
+
+    def detach(self) -> None:
+        """Drops the finalizers so the storages that outlive the region cost nothing later."""
+        for _, _, fin in self._tracked.values():
+            fin.detach()
+        self._tracked.clear()
+
+
+def _tensors(tree: Any) -> list[torch.Tensor]:
+    """The tensors in an op's arguments or results.
+
+    Aten schemas nest tensors only in lists, tuples (torch.return_types included) and dicts. This walk
+    finds the same leaves as torch.utils._pytree.tree_flatten at a tenth of its cost, which runs per op.
+    """
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    found, pending = [], [tree]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, torch.Tensor):
+            found.append(item)
+        elif isinstance(item, (list, tuple)):
+            pending.extend(item)
+        elif isinstance(item, dict):
+            pending.extend(item.values())
+    return found
+
+
+def _storages(tensor: torch.Tensor) -> list[torch.UntypedStorage]:
+    if tensor.is_meta:
+        return []
+    parts = _SPARSE_PARTS.get(tensor.layout)
+    if parts is not None:
+        return [getattr(tensor, name)().untyped_storage() for name in parts]
+    try:
+        return [tensor.untyped_storage()]
+    except (RuntimeError, NotImplementedError):  # wrapper subclasses and nested tensors have none
+        return []
+
+
+class _RssWatch:
+    """Peak RSS of the process since start(): kernel high-water mark, else a sampling thread."""
+
+    def __init__(self) -> None:
+        self.source = "VmHWM"
+        self.start_bytes = 0
+        self.floor_bytes = 0
+        self._stop = threading.Event()
+        self._sampler: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Resets the high-water mark (or starts sampling) and records the RSS at entry."""
+        try:
+            with open(_CLEAR_REFS_PATH, "w") as handle:
+                handle.write("5")  # 5 resets the peak RSS counter (Linux >= 4.0)
+            hwm_bytes, rss_bytes = _read_status()
+            if hwm_bytes - rss_bytes > _RESET_SLACK_BYTES:
+                raise OSError(f"VmHWM {hwm_bytes} stayed above VmRSS {rss_bytes} after the reset")
+            self.start_bytes = rss_bytes
+        except (OSError, ValueError) as exc:
+            logger.debug("peak RSS falls back to sampling: %s", exc)
+            self.source = "psutil-sampling"
+            self.start_bytes = self.floor_bytes = _rss_bytes()
+            self._sampler = threading.Thread(target=self._sample, name="edgetune-rss", daemon=True)
+            self._sampler.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(_SAMPLE_INTERVAL_S):
+            self.floor_bytes = max(self.floor_bytes, _rss_bytes())
+
+    def peak_bytes(self) -> int:
+        """Returns the peak RSS since start()."""
+        reading = _read_status()[0] if self.source == "VmHWM" else _rss_bytes()
+        return max(self.floor_bytes, reading)
+
+    def stop(self) -> None:
+        """Stops the sampling thread, if any."""
+        if self._sampler is not None:
+            self._stop.set()
+            self._sampler.join()
+            self._sampler = None
+
+
+def _read_status() -> tuple[int, int]:
+    """Returns (VmHWM, VmRSS) in bytes from /proc/self/status."""
+    fields: dict[str, int] = {}
+    with open(_STATUS_PATH) as handle:
+        for line in handle:
+            if line.startswith(("VmHWM:", "VmRSS:")):
+                fields[line[:6]] = int(line.split()[1]) * 1024
+    if len(fields) != 2:
+        raise OSError(f"{_STATUS_PATH} lacks VmHWM/VmRSS")
+    return fields["VmHWM:"], fields["VmRSS:"]
+
+
+def _rss_bytes() -> int:
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+class MemoryProbe:
+    """Measures the peak memory of the code run inside ``with MemoryProbe(device) as probe:``.
+
+    On CPU only tensors created inside the region count: weights, optimizer state and anything else
+    made before entry are invisible and must be added separately. Dispatch modes are thread-local,
+    so the region's tensor work must run on the thread that entered the probe (CPU autograd runs
+    backward on that thread, so backward allocations count); work on other threads is not counted.
+    On CUDA the allocator statistics are per device and include work from every thread. Peak RSS
+    is always process-wide. Probes may be nested and used on several threads at once.
+
+    Args:
+        device: "cpu", "cuda", "cuda:N" or a torch.device.
+
+    Raises:
+        EdgetuneError: the device is unknown, unsupported or not available.
+    """
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = _resolve_device(device)
+        self._tracker: _StorageTracker | None = None
+        self._rss = _RssWatch()
+        self._owner: int | None = None
+        self._baseline_bytes = 0
+        self._floor_allocated_bytes = 0
+        self._floor_reserved_bytes = 0
+        self._report: MemoryReport | None = None
+
+    def __enter__(self) -> "MemoryProbe":
+        if self._owner is not None:
+            raise EdgetuneError("this MemoryProbe is already active", "use a new MemoryProbe per region")
+        self._report, self._rss = None, _RssWatch()
+        self._floor_allocated_bytes = self._floor_reserved_bytes = 0
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        with _RESET_LOCK:
+            self._hand_over_peaks()
+            self._rss.start()
+            if self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.device)
+                self._baseline_bytes = torch.cuda.memory_allocated(self.device)
+            _ACTIVE.append(self)
+        self._owner = threading.get_ident()
+        if self.device.type == "cpu":
+            self._tracker = _StorageTracker()
+            self._tracker.__enter__()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        try:
+            if self._tracker is not None:
+                self._tracker.__exit__(*exc_info)
+            self._report = self._read()
+        finally:
+            self._rss.stop()
+            with _RESET_LOCK:
+                _ACTIVE.remove(self)
+            if self._tracker is not None:
+                self._tracker.detach()
+                self._tracker = None
+            self._owner = None
+
+    @property
+    def report(self) -> MemoryReport:
+        """The figures for the whole region, available once the ``with`` block has exited.
+
+        Raises:
+            EdgetuneError: the region has not finished yet.
+        """
+        if self._report is None:
+            raise EdgetuneError("the probe's region has not finished", "read probe.report after the with block")
+        return self._report
+
+    def sample(self) -> MemoryReport:
+        """Returns the figures so far, from inside the region; "end" figures are the current ones.
+
+        Raises:
+            EdgetuneError: the probe is not active, or (CPU) called from another thread.
+        """
+        if self._owner is None:
+            raise EdgetuneError("sample() called outside the probe's region", "call it inside the with block")
+        if self._tracker is not None and self._owner != threading.get_ident():
+            raise EdgetuneError("sample() called from another thread", "call it on the thread that entered the probe")
+        return self._read()
+
+    def _hand_over_peaks(self) -> None:
+        """Gives running probes the peaks that this probe's resets are about to erase."""
+        for probe in _ACTIVE:
+            if self._rss.source == probe._rss.source == "VmHWM":
+                probe._rss.floor_bytes = max(probe._rss.floor_bytes, _read_status()[0])
+            if self.device.type == "cuda" and probe.device == self.device:
+                allocated_bytes = torch.cuda.max_memory_allocated(self.device)
+                reserved_bytes = torch.cuda.max_memory_reserved(self.device)
+                probe._floor_allocated_bytes = max(probe._floor_allocated_bytes, allocated_bytes)
+                probe._floor_reserved_bytes = max(probe._floor_reserved_bytes, reserved_bytes)
+
+    def _read(self) -> MemoryReport:
+        if self._tracker is not None:
+            self._tracker.drain()
+            figures = dict(
+                peak_allocated_bytes=self._tracker.peak_bytes,
+                end_allocated_bytes=self._tracker.live_bytes,
+                baseline_allocated_bytes=None,
+                peak_reserved_bytes=None,
+                nvml_used_bytes=None,
+                source="dispatch-storage-tracker",
+            )
+        else:
+            figures = self._cuda_figures()
+        with _RESET_LOCK:
+            rss_peak_bytes = self._rss.peak_bytes()
+        return MemoryReport(
+            device=str(self.device),
+            peak_rss_bytes=rss_peak_bytes,
+            start_rss_bytes=self._rss.start_bytes,
+            rss_source=self._rss.source,
+            **figures,
+        )
+
+    def _cuda_figures(self) -> dict[str, Any]:
+        torch.cuda.synchronize(self.device)
+        with _RESET_LOCK:
+            max_bytes = max(self._floor_allocated_bytes, torch.cuda.max_memory_allocated(self.device))
+            reserved_bytes = max(self._floor_reserved_bytes, torch.cuda.max_memory_reserved(self.device))
+        return dict(
+            peak_allocated_bytes=max_bytes - self._baseline_bytes,
+            end_allocated_bytes=torch.cuda.memory_allocated(self.device) - self._baseline_bytes,
+            baseline_allocated_bytes=self._baseline_bytes,
+            peak_reserved_bytes=reserved_bytes,
+            nvml_used_bytes=_nvml_used_bytes(self.device.index),
+            source="torch.cuda.max_memory_allocated",
+        )
+
+
+def current_memory(device: torch.device | str) -> dict[str, int]:
+    """Returns cheap current readings for a per-step training log, in bytes.
+
+    Args:
+        device: "cpu", "cuda", "cuda:N" or a torch.device.
+
+    Returns:
+        CUDA: ``allocated_bytes``, ``reserved_bytes`` and ``peak_allocated_bytes`` (since the last
+        peak reset; a MemoryProbe resets it). CPU: ``rss_bytes`` of the process.
+
+    Raises:
+        EdgetuneError: the device is unknown, unsupported or not available.
+    """
+    resolved = _resolve_device(device)
+    if resolved.type == "cuda":
+        return {
+            "allocated_bytes": torch.cuda.memory_allocated(resolved),
+            "reserved_bytes": torch.cuda.memory_reserved(resolved),
+            "peak_allocated_bytes": torch.cuda.max_memory_allocated(resolved),
+        }
+    return {"rss_bytes": _rss_bytes()}
+
+
+def _resolve_device(device: torch.device | str) -> torch.device:
+    fix = "pass 'cpu', 'cuda' or 'cuda:N'"
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise EdgetuneError(f"unknown device {device!r}", fix) from exc
+    if resolved.type == "cpu":
+        return torch.device("cpu")
+    if resolved.type != "cuda":
+        raise EdgetuneError(f"memory probing does not support device {str(resolved)!r}", fix)
+    if not torch.cuda.is_available():
+        raise EdgetuneError(f"device {str(resolved)!r} requested but CUDA is not available", "pass 'cpu'")
+    index = torch.cuda.current_device() if resolved.index is None else resolved.index
+    if index >= torch.cuda.device_count():
+        raise EdgetuneError(f"device 'cuda:{index}' does not exist", f"{fix} with N < {torch.cuda.device_count()}")
+    return torch.device("cuda", index)
+
+
+def _nvml_used_bytes(index: int) -> int | None:
+    """NVML's used bytes for a CUDA device, matched by UUID since CUDA_VISIBLE_DEVICES renumbers."""
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    uuid = str(torch.cuda.get_device_properties(index).uuid).removeprefix("GPU-").removeprefix("MIG-")
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as exc:
+        logger.debug("NVML unavailable: %s", exc)
+        return None
+    try:
+        for prefix in ("GPU-", "MIG-"):
+            try:
+                handle = pynvml.nvmlDeviceGetHandleByUUID(prefix + uuid)
+            except pynvml.NVMLError:
+                continue
+            try:
+                info = pynvml.nvmlDeviceGetMemoryInfo(handle, version=pynvml.nvmlMemory_v2)
+            except pynvml.NVMLError:  # drivers before the v2 call
+                info = pynvml.nvmlDeviceGetMemoryInfo(handle)
+            return int(info.used)
+        logger.debug("no NVML device has UUID %s", uuid)
+        return None
+    except pynvml.NVMLError as exc:  # e.g. NotSupported on unified-memory boards
+        logger.debug("NVML memory query failed: %s", exc)
+        return None
+    finally:
+        pynvml.nvmlShutdown()

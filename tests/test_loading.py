@@ -1,0 +1,115 @@
+import zlib
+
+import pytest
+import torch
+
+from edgetune.errors import EdgetuneError
+from edgetune.loading import LoraSettings, load_model, trainable_parameter_count
+from edgetune.sources import ModelSource
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def source(folder, has_weights=True):
+    return ModelSource(name=str(folder), kind="folder", path=folder, has_weights=has_weights)
+
+
+def batch(vocab=128, n=2, length=16):
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, vocab, (n, length), generator=generator)
+    return {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
+
+
+@pytest.mark.parametrize("precision,dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_full_precision_loads_every_parameter_trainable(tiny_model_dir, precision, dtype):
+    model = load_model(source(tiny_model_dir), precision)
+    assert {p.dtype for p in model.parameters()} == {dtype}
+    assert trainable_parameter_count(model) == sum(p.numel() for p in model.parameters())
+    assert model.training and model.config.use_cache is False
+
+
+def test_lora_adds_exactly_rank_times_in_plus_out_per_target(tiny_model_dir):
+    model = load_model(source(tiny_model_dir), "fp32", lora=LoraSettings(rank=4, alpha=8))
+    hidden, inter, heads, kv_heads, layers = 64, 128, 4, 2, 2
+    kv_out = hidden // heads * kv_heads
+    shapes = {"q_proj": (hidden, hidden), "k_proj": (hidden, kv_out), "v_proj": (hidden, kv_out),
+              "o_proj": (hidden, hidden), "gate_proj": (hidden, inter), "up_proj": (hidden, inter),
+              "down_proj": (inter, hidden)}
+    expected = layers * sum(4 * (i + o) for i, o in shapes.values())
+    assert trainable_parameter_count(model) == expected
+    assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_nf4_quantizes_linears_and_keeps_embeddings_and_head_16_bit(tiny_model_dir):
+    import bitsandbytes as bnb
+
+    model = load_model(source(tiny_model_dir), "nf4", lora=LoraSettings(rank=4), gradient_checkpointing=True)
+    base = model.get_base_model()
+    assert isinstance(base.model.layers[0].self_attn.q_proj.base_layer, bnb.nn.Linear4bit)
+    assert base.model.layers[0].mlp.down_proj.base_layer.weight.quant_state.quant_type == "nf4"
+    assert base.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert base.lm_head.weight.dtype == torch.bfloat16
+    assert base.model.norm.weight.dtype == torch.bfloat16
+    # Adapters stay fp32 (peft's default) so optimizer updates are not lost to bf16 rounding.
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+
+
+def test_nf4_lora_with_checkpointing_gives_finite_loss_and_adapter_gradients(tiny_model_dir):
+    model = load_model(source(tiny_model_dir), "nf4", lora=LoraSettings(rank=4), gradient_checkpointing=True)
+    assert all(layer.gradient_checkpointing for layer in model.get_base_model().model.layers)
+    loss = model(**batch()).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert grads and all(g is not None for g in grads.values())
+    # lora_B starts at zero, so only lora_B receives a non-zero gradient on the first step.
+    assert all(g.abs().sum() > 0 for n, g in grads.items() if "lora_B" in n)
+
+
+def test_checkpointing_recomputes_without_changing_gradients(tiny_model_dir):
+    def adapter_grads(checkpointing):
+        torch.manual_seed(0)
+        model = load_model(source(tiny_model_dir), "fp32", lora=LoraSettings(rank=4),
+                           gradient_checkpointing=checkpointing)
+        for name, param in model.named_parameters():
+            if "lora_B" in name:  # non-zero B so that lora_A gets gradients too
+                torch.nn.init.normal_(param, std=0.02, generator=torch.Generator().manual_seed(zlib.crc32(name.encode())))
+        model(**batch()).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    plain, recomputed = adapter_grads(False), adapter_grads(True)
+    assert plain.keys() == recomputed.keys()
+    for name in plain:
+        torch.testing.assert_close(recomputed[name], plain[name], rtol=1e-5, atol=1e-7)
+        assert plain[name].abs().sum() > 0
+
+
+def test_nf4_without_lora_is_refused(tiny_model_dir):
+    with pytest.raises(EdgetuneError, match="NF4 base cannot be trained without adapters"):
+        load_model(source(tiny_model_dir), "nf4")
+
+
+def test_architecture_only_source_is_refused(tiny_model_dir):
+    with pytest.raises(EdgetuneError, match="holds no weights"):
+        load_model(source(tiny_model_dir, has_weights=False), "bf16")
+
+
+def test_unknown_precision_is_refused(tiny_model_dir):
+    with pytest.raises(EdgetuneError, match="unknown precision 'int3'"):
+        load_model(source(tiny_model_dir), "int3")
+
+
+def test_lora_targets_that_do_not_exist_name_the_real_linears(tiny_model_dir):
+    with pytest.raises(EdgetuneError, match="pick from its linear layers: .*q_proj"):
+        load_model(source(tiny_model_dir), "fp32", lora=LoraSettings(target_modules=("c_attn",)))
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"rank": 0}, "rank must be positive"),
+    ({"alpha": 0}, "alpha must be positive"),
+    ({"dropout": 1.0}, "dropout must be in"),
+    ({"target_modules": ()}, "target_modules is empty"),
+])
+def test_lora_settings_are_validated(kwargs, message):
+    with pytest.raises(EdgetuneError, match=message):
+        LoraSettings(**kwargs)
