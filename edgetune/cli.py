@@ -57,16 +57,17 @@ def _add_devices(commands: argparse._SubParsersAction, common: argparse.Argument
     )
     sub.add_argument("--json", action="store_true", help="print JSON instead of a table")
     sub.add_argument("--profiles", action="store_true", help="list the bundled device profiles instead")
+    sub.add_argument("--profile", metavar="KEY", help="show one device profile, e.g. rtx-4060-8gb")
     sub.set_defaults(handler=_run_devices)
 
 
 def _run_devices(args: argparse.Namespace) -> int:
     from edgetune import api
 
-    if args.profiles:
+    if args.profiles or args.profile:
         from edgetune.profiles import format_profiles_table
 
-        profiles = api.device_profiles()
+        profiles = [api.device_profile(args.profile)] if args.profile else api.device_profiles()
         _emit(args.json, [p.to_dict() for p in profiles], lambda: format_profiles_table(profiles))
     else:
         from edgetune.device import format_devices_table

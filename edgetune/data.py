@@ -137,7 +137,7 @@ def load_dataset(cfg: DataConfig, tokenizer: "PreTrainedTokenizerBase") -> Token
         n_truncated=n_truncated,
         n_dropped=n_dropped,
     )
-    logger.info("loaded %s: %s", path, stats)
+    logger.debug("loaded %s: %s", path, stats)
     return TokenizedData(train=train, val=val, stats=stats)
 
 

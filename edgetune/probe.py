@@ -134,10 +134,14 @@ def run_probe(config: ProbeConfig, on_event: Callable[[str], None] | None = None
     tokenizer = load_tokenizer(source)
     data = load_dataset(DataConfig(path=config.data, seq_len=config.seq_len, seed=config.seed), tokenizer)
     lora = LoraSettings(rank=config.lora_rank, alpha=config.lora_alpha) if config.lora_rank else None
-    model = load_model(source, config.precision, device=config.device, lora=lora,
-                       gradient_checkpointing=config.gradient_checkpointing)
+    model = load_model(
+        source, config.precision, device=config.device, lora=lora, gradient_checkpointing=config.gradient_checkpointing
+    )
     load_seconds = time.perf_counter() - started
-    notify(f"loaded {source.name} ({config.precision}) in {load_seconds:.1f} s; {len(data.train)} training blocks")
+    notify(
+        f"loaded {source.name} ({config.precision}) and {data.stats.format} data in {load_seconds:.1f} s: "
+        f"{len(data.train)} training and {len(data.val)} held-out examples of up to {config.seq_len} tokens"
+    )
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr) if config.optimizer == "adamw" else None
     device = torch.device(config.device)
@@ -146,8 +150,10 @@ def run_probe(config: ProbeConfig, on_event: Callable[[str], None] | None = None
     train_batches = _cycle(data.train, config.batch_size, pad_token_id(tokenizer), config.seed)
     for index in range(config.steps):
         steps.append(_measured_step(model, next(train_batches), optimizer, index + 1, device))
-        notify(f"step {index + 1}/{config.steps}: loss {steps[-1].loss:.4f}, {steps[-1].seconds:.2f} s, "
-               f"peak +{steps[-1].memory.peak_allocated_bytes / 2**20:.0f} MiB")
+        notify(
+            f"step {index + 1}/{config.steps}: loss {steps[-1].loss:.4f}, {steps[-1].seconds:.2f} s, "
+            f"peak +{steps[-1].memory.peak_allocated_bytes / 2**20:.0f} MiB"
+        )
     val_after = held_out_loss(model, data.val, config.batch_size, device)
     return ProbeResult(
         config=config,
@@ -178,8 +184,9 @@ def _measured_step(model, batch, optimizer, step: int, device: torch.device) -> 
     if not torch.isfinite(loss):
         raise EdgetuneError(f"step {step} produced a non-finite loss", "lower the learning rate or use bf16/fp32")
     tokens = int(batch["attention_mask"].sum())
-    return ProbeStep(step=step, loss=float(loss), seconds=seconds, tokens=tokens, grad_norm=grad_norm,
-                     memory=probe.report)
+    return ProbeStep(
+        step=step, loss=float(loss), seconds=seconds, tokens=tokens, grad_norm=grad_norm, memory=probe.report
+    )
 
 
 @torch.no_grad()
@@ -207,11 +214,28 @@ def _cycle(examples: list, batch_size: int, pad_id: int, seed: int) -> Iterator[
 
 def _resident_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> int:
     tensors = list(model.parameters()) + list(model.buffers())
+    for parameter in model.parameters():
+        tensors += _quant_state_tensors(getattr(parameter, "quant_state", None))
     if optimizer is not None:
-        tensors += [value for state in optimizer.state.values() for value in state.values()
-                    if isinstance(value, torch.Tensor)]
+        tensors += [
+            value for state in optimizer.state.values() for value in state.values() if isinstance(value, torch.Tensor)
+        ]
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
     return sum(storages.values())
+
+
+def _quant_state_tensors(state: object) -> list[torch.Tensor]:
+    # bitsandbytes keeps NF4 block scales (and, with double quantization, their own scales) beside the
+    # packed weight rather than as parameters or buffers.
+    if state is None:
+        return []
+    found = []
+    for value in vars(state).values():
+        if isinstance(value, torch.Tensor):
+            found.append(value)
+        elif hasattr(value, "absmax"):
+            found += _quant_state_tensors(value)
+    return found
 
 
 def format_probe(result: ProbeResult) -> str:
@@ -219,10 +243,11 @@ def format_probe(result: ProbeResult) -> str:
     config = result.config
     mib = 2**20
     method = f"LoRA r={config.lora_rank}" if config.lora_rank else "full fine-tuning"
+    checkpointing = "on" if config.gradient_checkpointing else "off"
     lines = [
         f"model      {result.model_path}",
-        f"setup      {config.precision} base, {method}, checkpointing {'on' if config.gradient_checkpointing else 'off'}"
-        f", optimizer {config.optimizer}, batch {config.batch_size} x {config.seq_len} tokens, {config.device}",
+        f"setup      {config.precision} base, {method}, checkpointing {checkpointing}, optimizer {config.optimizer}",
+        f"shape      batch {config.batch_size} x {config.seq_len} tokens on {config.device}",
         f"params     {result.trainable_params:,} trainable of {result.total_params:,}"
         f" ({100 * result.trainable_params / result.total_params:.2f}%)",
         f"resident   {result.resident_bytes / mib:,.0f} MiB (weights, adapters, optimizer state)",
@@ -237,7 +262,8 @@ def format_probe(result: ProbeResult) -> str:
         )
     lines += [
         "",
-        f"held-out loss {result.val_loss_before:.4f} before, {result.val_loss_after:.4f} after {len(result.steps)} steps",
+        f"held-out loss {result.val_loss_before:.4f} before, {result.val_loss_after:.4f} after "
+        f"{len(result.steps)} steps",
         f"peak step memory {result.peak_step_bytes / mib:,.0f} MiB on top of the resident "
         f"{result.resident_bytes / mib:,.0f} MiB",
     ]

@@ -1,6 +1,18 @@
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CORPUS = [
+    "the quick brown fox jumps over the lazy dog",
+    "hello world, how are you today? I am fine, thank you.",
+    "It is a truth universally acknowledged, that a single man must be in want of a wife.",
+    "user assistant system reply question answer",
+]
 
 
 def tiny_llama_config(**overrides) -> LlamaConfig:
@@ -40,4 +52,39 @@ def tiny_model_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-llama")
     torch.manual_seed(0)
     LlamaForCausalLM(tiny_llama_config()).save_pretrained(folder)
+    return folder
+
+
+def make_tokenizer(bos: bool = False) -> PreTrainedTokenizerFast:
+    """A real byte-level BPE tokenizer trained here, with ChatML tokens, eos, pad and optionally a bos."""
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>", "<s>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tk.train_from_iterator(CORPUS, trainer)
+    extra = {}
+    if bos:
+        tk.post_processor = processors.TemplateProcessing(
+            single="<s> $A", special_tokens=[("<s>", tk.token_to_id("<s>"))]
+        )
+        extra["bos_token"] = "<s>"
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", pad_token="<pad>", **extra)
+    tok.chat_template = CHATML
+    return tok
+
+
+@pytest.fixture(scope="session")
+def tiny_trainable_dir(tmp_path_factory):
+    """A tiny Llama saved with a real (locally trained) tokenizer: a model folder edgetune can train."""
+    folder = tmp_path_factory.mktemp("tiny-trainable")
+    tokenizer = make_tokenizer()
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config(vocab_size=len(tokenizer))).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     return folder

@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from conftest import CHATML, make_tokenizer
 from transformers import PreTrainedTokenizerFast
 
 from edgetune.data import (
@@ -20,45 +20,11 @@ from edgetune.data import (
 from edgetune.errors import EdgetuneError
 from edgetune.jsonl import IGNORE_INDEX
 
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-CORPUS = [
-    "the quick brown fox jumps over the lazy dog",
-    "hello world, how are you today? I am fine, thank you.",
-    "It is a truth universally acknowledged, that a single man must be in want of a wife.",
-    "user assistant system reply question answer",
-]
 TEXT = (
     "Alice was beginning to get very tired of sitting by her sister on the bank, and of having nothing to do: "
     "once or twice she had peeped into the book her sister was reading, but it had no pictures or conversations "
     "in it, and what is the use of a book, thought Alice, without pictures or conversations?"
 )
-
-
-def make_tokenizer(bos: bool = False) -> PreTrainedTokenizerFast:
-    """A real byte-level BPE tokenizer trained here, with ChatML tokens, eos, pad and optionally a bos."""
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>", "<s>"]
-    trainer = trainers.BpeTrainer(
-        vocab_size=320,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tk.train_from_iterator(CORPUS, trainer)
-    extra = {}
-    if bos:
-        tk.post_processor = processors.TemplateProcessing(
-            single="<s> $A", special_tokens=[("<s>", tk.token_to_id("<s>"))]
-        )
-        extra["bos_token"] = "<s>"
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", pad_token="<pad>", **extra)
-    tok.chat_template = CHATML
-    return tok
 
 
 @pytest.fixture(scope="module")
