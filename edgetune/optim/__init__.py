@@ -1,0 +1,7 @@
+"""edgetune's optimizers: one algorithm per file, each a ``torch.optim.Optimizer``."""
+
+from edgetune.optim.adafish import AdaFish
+from edgetune.optim.hizoo import HiZOO, MeZO
+from edgetune.optim.scaled_adamw import ScaledAdamW
+
+__all__: list[str] = ["AdaFish", "HiZOO", "MeZO", "ScaledAdamW"]

@@ -1,0 +1,377 @@
+"""HiZOO: Hessian-informed zeroth-order (forward-only) fine-tuning; MeZO is its Hessian-off mode.
+
+Paper: Zhao et al., "Second-Order Fine-Tuning without Pain for LLMs: A Hessian Informed Zeroth-Order Optimizer",
+arXiv 2402.15173 (ICLR 2025); MeZO: Malladi et al., arXiv 2305.17333. Reference code: Yanjun-Zhao/HiZOO @ 4f99055
+``trainer.py::zo_Hessian_step_update`` and princeton-nlp/MeZO @ 552cb1b ``large_models/trainer.py::zo_step``.
+
+One step, with H the fp32 diagonal Hessian estimate (Sigma^-1, starts at 1), z ~ N(0, I) from the step seed,
+alpha = ``hessian_smooth`` and wd = ``weight_decay``::
+
+    l0 = L(theta), l+ = L(theta + eps z / sqrt(H)), l- = L(theta - eps z / sqrt(H))
+    H <- (1 - alpha) H + alpha |l+ + l- - 2 l0| H z^2 / (2 eps^2)         "released", the published code
+    H <- (1 - alpha) H + alpha (l+ + l- - 2 l0) H (z^2 - 1) / (2 eps^2)   "unbiased", the paper's form
+    theta <- theta - lr ((l+ - l-) / (2 eps) z / sqrt(H_new) + wd theta)
+
+By Stein's identity the "unbiased" increment has the true Hessian diagonal as its expectation. The paper also takes
+abs() per coordinate; we leave it out because E|X| != E[X] (with d coordinates it inflates H about d/2 times) and floor
+H at ``hessian_min`` instead. MeZO drops l0 and H: two forwards, theta <- theta - lr ((l+ - l-)/(2 eps) z + wd theta).
+
+Restoring theta. Without a copy of theta no in-place scheme can undo round(theta + d) for every float: it maps the
+many floats near 0 onto the few near d (pigeonhole). We keep no copy and invert exactly where an inverse exists:
+round(s - d) gives theta back whenever theta +- d crosses no power of two (the float spacing stays the same), and 0 is
+restored whenever 0 also maps to s, so zero-initialised weights (LoRA B, biases) come back bit-exact. Other coordinates
+come back within one ulp of |theta| + |d|: about 8% of N(0, 0.02) weights per step at eps = 1e-3, against 46% for the
+reference's +d, -2d, +d. Every sweep is deterministic, so the step log replays a run bit for bit.
+"""
+
+import logging
+import math
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from edgetune.errors import EdgetuneError
+
+logger = logging.getLogger(__name__)
+
+CPU_CHUNK_NUMEL = 1 << 18  # 1 MiB of fp32 per buffer slot: a chunk's element-wise ops stay in cache
+GPU_CHUNK_NUMEL = 1 << 22  # larger chunks amortise the ~12 kernel launches per chunk and sweep
+_MASK64 = (1 << 64) - 1
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _mix(*values: int) -> int:
+    """Hash ints into a 63-bit seed (splitmix64 rounds), so every (step, tensor, chunk) has its own z stream."""
+    state = 0x9E3779B97F4A7C15
+    for value in values:
+        state = (state ^ (value & _MASK64)) * 0xBF58476D1CE4E5B9 & _MASK64
+        state = (state ^ (state >> 27)) * 0x94D049BB133111EB & _MASK64
+        state ^= state >> 31
+    return state >> 1
+
+
+@dataclass(frozen=True)
+class ZOStepRecord:
+    """What one step did; with the state before it, enough to replay the step without a forward pass.
+
+    Args:
+        step: the step index (0-based).
+        seed: the step seed z was drawn from.
+        projected_grad: (l+ - l-) / (2 eps); 0.0 when skipped.
+        curvature: (l+ + l- - 2 l0) / (2 eps^2), signed; 0.0 for MeZO or when skipped.
+        losses: (l0, l+, l-) with the Hessian, (l+, l-) without, (l0,) when l0 was non-finite.
+        lrs: the learning rate of each parameter group.
+        perturbed: False only when a non-finite l0 stopped the step before any perturbation.
+        skipped: a loss was non-finite, so the parameters were only restored.
+    """
+
+    step: int
+    seed: int
+    projected_grad: float
+    curvature: float
+    losses: tuple[float, ...]
+    lrs: tuple[float, ...]
+    perturbed: bool
+    skipped: bool
+
+    def __post_init__(self) -> None:
+        if self.step < 0 or self.seed < 0 or not math.isfinite(self.projected_grad + self.curvature):
+            raise ValueError(f"invalid {self}; step and seed must be >= 0 and grad/curvature finite")
+
+
+def state_bytes(num_params: int, hessian: bool) -> int:
+    """Persistent state kept between steps: the fp32 Hessian diagonal, nothing for MeZO.
+
+    Args:
+        num_params: trainable parameter count.
+        hessian: True for HiZOO, False for MeZO.
+
+    Returns:
+        Bytes of optimizer state.
+    """
+    return 4 * num_params if hessian else 0
+
+
+def buffer_bytes(largest_numel: int, hessian: bool, chunk_numel: int) -> int:
+    """The one reusable work buffer per device: z, z/sqrt(H) (HiZOO only), a rounding slot and a mask per element.
+
+    Args:
+        largest_numel: elements of the largest trainable tensor on the device.
+        hessian: True for HiZOO, False for MeZO.
+        chunk_numel: the optimizer's ``chunk_numel`` (``CPU_CHUNK_NUMEL`` or ``GPU_CHUNK_NUMEL`` by default).
+
+    Returns:
+        Bytes of the buffer: 13 per chunk element with the Hessian, 9 without.
+    """
+    return min(largest_numel, chunk_numel) * (13 if hessian else 9)
+
+
+def _check(ok: bool, name: str, value: object, rule: str) -> None:
+    if not ok:
+        raise ValueError(f"HiZOO {name}={value!r} is invalid; {rule}")
+
+
+class HiZOO(torch.optim.Optimizer):
+    """HiZOO (``hessian=True``, three forwards a step) or MeZO (``hessian=False``, two forwards a step).
+
+    Args:
+        params: parameters or groups; only those with ``requires_grad`` are perturbed and updated.
+        lr: learning rate (per group).
+        eps: perturbation scale.
+        weight_decay: decoupled weight decay (per group), on every parameter of the group.
+        hessian: keep the diagonal Hessian (HiZOO); False gives MeZO.
+        hessian_smooth: EMA weight alpha of the Hessian update (per group).
+        hessian_estimator: "released" (the published code) or "unbiased" (the paper's z^2 - 1 form, no abs).
+        hessian_min: floor on H, so that 1 / sqrt(H) stays finite.
+        seed: base seed; step t draws z from a seed hashed from (seed, t).
+        chunk_numel: elements per chunk; the work buffer holds one (``buffer_bytes``). Default: ``GPU_CHUNK_NUMEL``
+            if any parameter is off the CPU, else ``CPU_CHUNK_NUMEL``. z depends on it, so keep it to resume.
+        log_size: how many recent ``ZOStepRecord`` ``self.log`` keeps.
+
+    Raises:
+        ValueError: a hyperparameter is out of range, or a trainable parameter is not fp32/bf16/fp16 or not contiguous.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-6,
+        eps: float = 1e-3,
+        weight_decay: float = 0.0,
+        hessian: bool = True,
+        hessian_smooth: float = 1e-8,
+        hessian_estimator: Literal["released", "unbiased"] = "released",
+        hessian_min: float = 1e-4,
+        seed: int = 0,
+        chunk_numel: int | None = None,
+        log_size: int = 1000,
+    ) -> None:
+        _check(math.isfinite(eps) and eps > 0, "eps", eps, "use a positive perturbation scale such as 1e-3")
+        estimators = ("released", "unbiased")
+        _check(hessian_estimator in estimators, "hessian_estimator", hessian_estimator, f"use one of {estimators}")
+        _check(math.isfinite(hessian_min) and hessian_min > 0, "hessian_min", hessian_min, "use a positive floor")
+        _check(isinstance(seed, int) and seed >= 0, "seed", seed, "use an int >= 0")
+        chunk_ok = chunk_numel is None or (isinstance(chunk_numel, int) and chunk_numel > 0)
+        _check(chunk_ok, "chunk_numel", chunk_numel, "use an int > 0, or None for the device default")
+        _check(isinstance(log_size, int) and log_size >= 0, "log_size", log_size, "use an int >= 0")
+        self.eps, self.hessian, self.hessian_estimator = eps, hessian, hessian_estimator
+        self.hessian_min = hessian_min
+        self.log: deque[ZOStepRecord] = deque(maxlen=log_size)
+        self._work: dict[torch.device, tuple[torch.Generator, torch.Tensor]] = {}
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, hessian_smooth=hessian_smooth))
+        on_cpu = all(p.device.type == "cpu" for g in self.param_groups for p in g["params"])
+        self.chunk_numel = chunk_numel or (CPU_CHUNK_NUMEL if on_cpu else GPU_CHUNK_NUMEL)
+        self.state.update(step=0, skipped_steps=0, base_seed=seed, chunk_numel=self.chunk_numel, hessian=hessian)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Validate a group's hyperparameters and trainable parameters, then add it as torch does.
+
+        Args:
+            param_group: the group, as for any torch optimizer.
+
+        Raises:
+            ValueError: as for the constructor; frozen parameters (e.g. quantized base weights) are not checked.
+        """
+        group = {**self.defaults, **param_group}
+        params = [group["params"]] if isinstance(group["params"], torch.Tensor) else list(group["params"])
+        lr, wd, alpha = group["lr"], group["weight_decay"], group["hessian_smooth"]
+        _check(math.isfinite(lr) and lr >= 0, "lr", lr, "use a learning rate >= 0 such as 1e-6")
+        _check(math.isfinite(wd) and wd >= 0, "weight_decay", wd, "use a weight decay >= 0")
+        _check(0 <= alpha <= 1, "hessian_smooth", alpha, "use an EMA weight in [0, 1] such as 1e-8")
+        for p in (p for p in params if p.requires_grad):
+            _check(p.dtype in _DTYPES, "dtype of a trainable parameter", p.dtype, "train fp32/bf16/fp16 weights")
+            _check(p.is_contiguous(), "layout of a trainable parameter", "strided", "make it contiguous")
+        super().add_param_group({**param_group, "params": params})
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """One step: evaluate, perturb in place, evaluate, restore and update in place.
+
+        Args:
+            closure: runs the forward pass and returns the scalar loss; it is called under ``torch.no_grad`` and must
+                be deterministic (eval mode: l+ and l- need the same dropout mask).
+
+        Returns:
+            The closure's value at theta (l0) with the Hessian, at theta + eps z (l+) for MeZO.
+
+        Raises:
+            EdgetuneError: no closure, or it returned something other than a scalar loss without autograd history.
+        """
+        if closure is None:
+            raise EdgetuneError("HiZOO.step() got no closure", "call opt.step(lambda: model(**batch).loss)")
+        step, lrs = self.state["step"], tuple(g["lr"] for g in self.param_groups)
+        seed, losses, value = _mix(self.state["base_seed"], step), [], None
+        if self.hessian:
+            value, loss0 = _evaluate(closure)
+            losses.append(loss0)
+            if not math.isfinite(loss0):
+                return self._finish(ZOStepRecord(step, seed, 0.0, 0.0, (loss0,), lrs, False, True), value)
+        self._sweep(seed, recover=0, perturb=1)
+        try:
+            plus, loss_plus = _evaluate(closure)
+            self._sweep(seed, recover=1, perturb=-1)
+        except BaseException:
+            self._sweep(seed, recover=1, perturb=0)
+            raise
+        try:
+            loss_minus = _evaluate(closure)[1]
+        except BaseException:
+            self._sweep(seed, recover=-1, perturb=0)
+            raise
+        record = self._record(step, seed, (*losses, loss_plus, loss_minus), lrs)
+        self._sweep(seed, recover=-1, perturb=0, update=record)
+        return self._finish(record, value if self.hessian else plus)
+
+    @torch.no_grad()
+    def replay(self, records: Iterable[ZOStepRecord]) -> None:
+        """Re-apply logged steps without forward passes; from the same starting state the result is bit-identical.
+
+        Args:
+            records: consecutive records, the first for the optimizer's current step.
+
+        Raises:
+            EdgetuneError: a record's step is not the optimizer's current step.
+        """
+        for record in records:
+            if record.step != self.state["step"]:
+                problem = f"record for step {record.step} but the optimizer is at step {self.state['step']}"
+                raise EdgetuneError(problem, "replay consecutive records onto the state saved before the first")
+            if record.perturbed:
+                self._sweep(record.seed, recover=0, perturb=1)
+                self._sweep(record.seed, recover=1, perturb=-1)
+                self._sweep(record.seed, recover=-1, perturb=0, update=record)
+            self._finish(record, None)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a ``state_dict()``; unlike the torch default, H stays fp32 whatever the parameter dtype.
+
+        Args:
+            state_dict: from ``state_dict()``.
+
+        Raises:
+            EdgetuneError: the state was saved with another ``hessian`` or ``chunk_numel`` setting.
+        """
+        saved = state_dict["state"]
+        for key in ("hessian", "chunk_numel"):
+            if saved.get(key, getattr(self, key)) != getattr(self, key):
+                problem = f"optimizer state saved with {key}={saved[key]}, this optimizer has {getattr(self, key)}"
+                raise EdgetuneError(problem, f"construct it with {key}={saved[key]} to resume")
+        # Torch would cast H to the parameter dtype, so H goes around it; copies keep the caller's dict intact.
+        copy = {**state_dict, "state": {k: dict(v) if isinstance(v, dict) else v for k, v in saved.items()}}
+        hessians = {k: v.pop("hessian") for k, v in copy["state"].items() if isinstance(v, dict) and "hessian" in v}
+        super().load_state_dict(copy)
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        for index, p in zip(ids, [p for g in self.param_groups for p in g["params"]], strict=True):
+            if index in hessians:
+                self.state[p]["hessian"] = hessians[index].to(device=p.device, dtype=torch.float32, copy=True)
+
+    def _record(self, step: int, seed: int, losses: tuple[float, ...], lrs: tuple[float, ...]) -> ZOStepRecord:
+        grad = (losses[-2] - losses[-1]) / (2 * self.eps)
+        curvature = (losses[1] + losses[2] - 2 * losses[0]) / (2 * self.eps**2) if self.hessian else 0.0
+        if not math.isfinite(grad + curvature):  # also catches finite losses whose difference overflows
+            return ZOStepRecord(step, seed, 0.0, 0.0, losses, lrs, True, True)
+        return ZOStepRecord(step, seed, grad, curvature, losses, lrs, True, False)
+
+    def _finish(self, record: ZOStepRecord, value: Any) -> Any:
+        self.state["step"] += 1
+        self.state["skipped_steps"] += record.skipped
+        if record.skipped:
+            logger.warning("HiZOO skipped step %d: non-finite loss in %s", record.step, record.losses)
+        self.log.append(record)
+        return value
+
+    def _sweep(self, seed: int, recover: int, perturb: int, update: ZOStepRecord | None = None) -> None:
+        """One pass over the trainable tensors, chunk by chunk, regenerating z from (seed, tensor index, chunk)."""
+        index = -1
+        for group_index, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                index += 1
+                if not p.requires_grad or p.numel() == 0:
+                    continue
+                flat, size = p.view(-1), min(self.chunk_numel, p.numel())
+                generator, buffer = self._buffer(p.device, size)
+                if self.hessian and "hessian" not in self.state[p]:
+                    self.state[p]["hessian"] = torch.ones(p.shape, dtype=torch.float32, device=p.device)
+                hess = self.state[p]["hessian"].view(-1) if self.hessian else None
+                for chunk, start in enumerate(range(0, flat.numel(), size)):
+                    n = min(size, flat.numel() - start)
+                    generator.manual_seed(_mix(seed, index, chunk))
+                    slots = _slots(buffer, size, n, p.dtype, self.hessian)
+                    slots[0].normal_(generator=generator)
+                    h = None if hess is None else hess[start : start + n]
+                    step = None if update is None or update.skipped else (update, update.lrs[group_index], group)
+                    self._chunk(flat[start : start + n], h, slots, (recover, perturb), step)
+
+    def _chunk(
+        self,
+        p: torch.Tensor,
+        h: torch.Tensor | None,
+        slots: tuple[torch.Tensor, ...],
+        signs: tuple[int, int],
+        update: tuple[ZOStepRecord, float, dict[str, Any]] | None,
+    ) -> None:
+        (z, t, rounded, mask), (recover, perturb) = slots, signs
+        t = z if h is None else torch.rsqrt(h, out=t).mul_(z)
+        if recover:
+            # round(s - d) is the only preimage of s unless s crossed into a larger binade; 0 wins whenever it maps to
+            # s too. d comes from the same alpha-form add as the perturbation, so both see the same rounding.
+            torch.eq(p, torch.mul(t, recover * self.eps, out=rounded), out=mask)
+            p.add_(t, alpha=-recover * self.eps).masked_fill_(mask, 0.0)
+        if perturb:
+            p.add_(t, alpha=perturb * self.eps)
+        if update is None:
+            return
+        record, lr, group = update
+        alpha, unbiased = group["hessian_smooth"], self.hessian_estimator == "unbiased"
+        if h is not None and alpha > 0:
+            scale = alpha * (record.curvature if unbiased else abs(record.curvature))
+            torch.mul(z, z, out=t).sub_(1.0 if unbiased else 0.0).mul_(scale).add_(1.0 - alpha)
+            h.mul_(t).clamp_(min=self.hessian_min)
+            torch.rsqrt(h, out=t).mul_(z)
+        if lr * group["weight_decay"] != 0:
+            p.mul_(1.0 - lr * group["weight_decay"])
+        if lr * record.projected_grad != 0:
+            p.add_(t, alpha=-lr * record.projected_grad)
+
+    def _buffer(self, device: torch.device, size: int) -> tuple[torch.Generator, torch.Tensor]:
+        nbytes = buffer_bytes(size, self.hessian, self.chunk_numel)
+        if device not in self._work or self._work[device][1].numel() < nbytes:
+            # Grows to the largest chunk seen, i.e. buffer_bytes(largest trainable tensor): never model-sized.
+            self._work[device] = (torch.Generator(device=device), torch.empty(nbytes, dtype=torch.uint8, device=device))
+        return self._work[device]
+
+
+def _evaluate(closure: Callable[[], Any]) -> tuple[Any, float]:
+    """Run the closure without autograd and check that it gave a scalar loss."""
+    with torch.no_grad():
+        loss = closure()
+    if isinstance(loss, torch.Tensor) and loss.requires_grad:
+        raise EdgetuneError("the HiZOO closure returned a loss that requires grad", "don't enable grad in it")
+    if not (isinstance(loss, (int, float)) or (isinstance(loss, torch.Tensor) and loss.numel() == 1)):
+        raise EdgetuneError(f"the HiZOO closure returned {type(loss).__name__}", "return the scalar loss")
+    return loss, float(loss)
+
+
+def _slots(buffer: torch.Tensor, size: int, n: int, dtype: torch.dtype, hessian: bool) -> tuple[torch.Tensor, ...]:
+    """Views of n elements into the byte buffer: z, z/sqrt(H) (MeZO: z again), d in the parameter dtype, a mask."""
+    t_at, r_at = (4 * size, 8 * size) if hessian else (0, 4 * size)
+    z = buffer[: 4 * size].view(torch.float32)[:n]
+    t = buffer[t_at : t_at + 4 * size].view(torch.float32)[:n]
+    rounded = buffer[r_at : r_at + 4 * size].view(dtype)[:n]
+    return z, t, rounded, buffer[r_at + 4 * size : r_at + 5 * size].view(torch.bool)[:n]
+
+
+def MeZO(params: Iterable[Any], **kwargs: Any) -> HiZOO:
+    """MeZO (Malladi et al. 2023): HiZOO with the Hessian off; two forwards a step and no persistent state.
+
+    Args:
+        params: parameters or parameter groups.
+        **kwargs: any ``HiZOO`` argument except ``hessian``.
+
+    Returns:
+        A ``HiZOO`` with ``hessian=False``; its ``step`` returns l+, the loss at theta + eps z.
+    """
+    return HiZOO(params, hessian=False, **kwargs)

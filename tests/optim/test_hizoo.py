@@ -1,0 +1,439 @@
+import io
+import math
+
+import pytest
+import torch
+from conftest import tiny_llama_config
+from transformers import LlamaForCausalLM
+
+from edgetune.errors import EdgetuneError
+from edgetune.optim import HiZOO, MeZO
+from edgetune.optim.hizoo import ZOStepRecord, buffer_bytes, state_bytes
+
+DTYPES = [torch.float32, torch.bfloat16]
+IDS = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """Raw bit patterns, so that -0.0 != 0.0 and NaN payloads count."""
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    return t.detach().view(ints[t.element_size()]).clone()
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(bits(a), bits(b))
+
+
+def exact_regime_params(dtype: torch.dtype) -> list[torch.nn.Parameter]:
+    """Values whose perturbations stay in their binade ([1, 2)) and zeros: where restore can be exact."""
+    g = torch.Generator().manual_seed(3)
+    inside = torch.nn.Parameter((torch.rand(3000, generator=g) * 0.5 + 1.25).to(dtype))
+    return [inside, torch.nn.Parameter(torch.zeros(40, 50, dtype=dtype))]
+
+
+def quad_loss(params: list[torch.Tensor]) -> torch.Tensor:
+    return sum((p.float() ** 2).sum() * (i + 1) for i, p in enumerate(params))
+
+
+def llama(dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(tiny_llama_config()).eval().to(dtype)
+
+
+def lm_closure(model: torch.nn.Module):
+    return lambda: model(input_ids=IDS, labels=IDS).loss
+
+
+# --- exact restore ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.float16])
+@pytest.mark.parametrize("hessian", [True, False])
+def test_step_with_lr_zero_restores_parameters_bit_identical(dtype, hessian):
+    params = exact_regime_params(dtype)
+    before = [p.detach().clone() for p in params]
+    opt = HiZOO(params, lr=0.0, eps=1e-3, hessian=hessian, hessian_smooth=0.1, chunk_numel=700)
+    for _ in range(3):
+        opt.step(lambda: quad_loss(params))
+    assert all(same_bits(p, b) for p, b in zip(params, before, strict=True))
+    # The same data through the reference's +eps z, -2 eps z, +eps z does not come back: the test can fail.
+    z = torch.randn(3000, generator=torch.Generator().manual_seed(4))
+    naive = before[0].clone()
+    for scale in (1e-3, -2e-3, 1e-3):
+        naive.add_(z, alpha=scale)
+    assert not same_bits(naive, before[0])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_general_weights_restore_exactly_or_within_one_ulp(dtype):
+    p = torch.nn.Parameter((torch.randn(20000, generator=torch.Generator().manual_seed(5)) * 0.02).to(dtype))
+    before = p.detach().clone()
+    HiZOO([p], lr=0.0, eps=1e-3, hessian=False).step(lambda: (p.float() ** 2).sum())
+    exact = (p.detach() == before).float().mean().item()
+    assert exact > 0.88  # the reference arithmetic leaves about 54% exact here
+    # Any loss is at most one ulp of the largest value the coordinate took: |theta| + eps |z|, with |z| < 6.
+    scale = before.float().abs() + 6e-3
+    ulp = torch.finfo(dtype).eps * 2.0 ** torch.floor(torch.log2(scale))
+    assert ((p.detach().float() - before.float()).abs() <= ulp).all()
+
+
+# --- seeds, RNG, chunking ---------------------------------------------------------------------------------------
+
+
+def test_same_seed_same_run_and_global_rng_untouched():
+    def run(seed):
+        params = [torch.nn.Parameter(torch.linspace(-1, 1, 500)), torch.nn.Parameter(torch.ones(7, 3))]
+        opt = HiZOO(params, lr=1e-2, hessian_smooth=1e-2, seed=seed, chunk_numel=64, log_size=2)
+        for _ in range(4):
+            opt.step(lambda: quad_loss(params))
+        assert [r.step for r in opt.log] == [2, 3]
+        return params
+
+    rng = torch.get_rng_state()
+    a, b, c = run(1), run(1), run(2)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(same_bits(x, y) for x, y in zip(a, b, strict=True))
+    assert not torch.equal(a[0], c[0])
+
+
+def test_z_depends_only_on_step_tensor_and_chunk():
+    """A tensor's trajectory does not change when another tensor stops being trained (its index is kept)."""
+
+    def run(train_other):
+        x, other = torch.nn.Parameter(torch.linspace(-1, 1, 300)), torch.nn.Parameter(torch.ones(50))
+        other.requires_grad_(train_other)
+        empty = torch.nn.Parameter(torch.zeros(0))
+        opt = HiZOO([other, empty, x], lr=1e-2, hessian_smooth=1e-2, chunk_numel=128)
+        for _ in range(3):
+            opt.step(lambda: (x**2).sum())  # the loss ignores `other`, so l+/l- only see x's perturbation
+        return x
+
+    assert same_bits(run(True), run(False))
+
+
+@pytest.mark.parametrize("hessian", [True, False])
+def test_work_buffer_is_one_chunk_not_model_sized(hessian):
+    params = [torch.nn.Parameter(torch.zeros(1000)), torch.nn.Parameter(torch.zeros(30))]
+    opt = HiZOO(params, lr=1e-3, hessian=hessian, chunk_numel=256)
+    opt.step(lambda: quad_loss(params))
+    ((generator, buffer),) = opt._work.values()
+    assert buffer.numel() == buffer_bytes(1000, hessian, 256) == 256 * (13 if hessian else 9)
+
+
+def test_state_and_buffer_bytes_are_pure_formulas():
+    assert state_bytes(1_000_000, hessian=True) == 4_000_000
+    assert state_bytes(1_000_000, hessian=False) == 0
+    assert buffer_bytes(10, hessian=True, chunk_numel=1 << 18) == 130
+    assert buffer_bytes(10**9, hessian=False, chunk_numel=1 << 18) == 9 << 18
+
+
+# --- the update rule against its formula ------------------------------------------------------------------------
+
+
+def recording(x, loss):
+    seen = []
+
+    def closure():
+        seen.append((x.detach().double().clone(), float(loss())))
+        return loss()
+
+    return closure, seen
+
+
+@pytest.mark.parametrize("estimator", ["released", "unbiased"])
+def test_hizoo_step_matches_formula(estimator):
+    h_true = torch.tensor([0.5, 1.0, 2.0, 4.0, 8.0], dtype=torch.float64)
+    x = torch.nn.Parameter(torch.tensor([1.0, -0.5, 0.25, 2.0, -1.0]))
+    eps, lr, alpha, wd = 1e-2, 0.05, 0.3, 0.1
+    closure, seen = recording(x, lambda: 0.5 * (h_true.float() * x * x).sum())
+    opt = HiZOO([x], lr=lr, eps=eps, weight_decay=wd, hessian_smooth=alpha, hessian_estimator=estimator)
+    returned = opt.step(closure)
+    (theta, l0), (plus, lp), (minus, lm) = seen
+    assert float(returned) == l0 and len(seen) == 3
+    z = (plus - theta) / eps  # H starts at 1
+    assert torch.allclose(minus, theta - eps * z, atol=1e-6)
+    c = (lp + lm - 2 * l0) / (2 * eps**2)
+    est = abs(c) * z**2 if estimator == "released" else c * (z**2 - 1)
+    h_new = ((1 - alpha) + alpha * est).clamp(min=1e-4)
+    expected = theta - lr * ((lp - lm) / (2 * eps) * z / h_new.sqrt() + wd * theta)
+    assert torch.allclose(opt.state[x]["hessian"].double(), h_new, rtol=1e-4)
+    assert torch.allclose(x.detach().double(), expected, rtol=1e-5, atol=1e-6)
+    record = opt.log[-1]
+    assert record.projected_grad == pytest.approx((lp - lm) / (2 * eps)) and record.curvature == pytest.approx(c)
+
+
+def test_mezo_step_matches_formula_with_two_forwards():
+    x = torch.nn.Parameter(torch.tensor([1.0, -0.5, 0.25, 2.0]))
+    w = torch.tensor([3.0, -1.0, 2.0, 0.5])
+    eps, lr, wd = 1e-2, 0.1, 0.2
+    closure, seen = recording(x, lambda: (w * x).sum() + (x**2).sum())
+    opt = MeZO([x], lr=lr, eps=eps, weight_decay=wd)
+    returned = opt.step(closure)
+    (plus, lp), (minus, lm) = seen
+    assert float(returned) == lp
+    theta, z = (plus + minus) / 2, (plus - minus) / (2 * eps)
+    expected = theta - lr * ((lp - lm) / (2 * eps) * z + wd * theta)
+    assert torch.allclose(x.detach().double(), expected, rtol=1e-5, atol=1e-6)
+    assert opt.state[x] == {} and opt.log[-1].curvature == 0.0
+
+
+# --- the separable quadratic ------------------------------------------------------------------------------------
+
+
+def test_unbiased_hessian_estimate_approaches_true_diagonal():
+    h_true = torch.tensor([0.5, 1.0, 2.0, 4.0])
+
+    def mean_hessian(estimator, steps, burn_in):
+        x = torch.nn.Parameter(torch.ones(4))
+        opt = HiZOO([x], lr=0.0, eps=1e-2, hessian_smooth=0.01, hessian_estimator=estimator, seed=0)
+        total = torch.zeros(4)
+        for i in range(steps):
+            opt.step(lambda: 0.5 * (h_true * x * x).sum())
+            total += opt.state[x]["hessian"] * (i >= burn_in)
+        return total / (steps - burn_in)
+
+    ratio = mean_hessian("unbiased", 2500, 300) / h_true
+    assert ((ratio - 1).abs() < 0.3).all() and abs(ratio.mean().item() - 1) < 0.1, ratio
+    # The released estimator tracks the shape but inflates it about (d + 2) / 2 = 3 times.
+    assert (mean_hessian("released", 800, 300) / h_true).mean() > 2
+
+
+def test_hizoo_beats_mezo_at_equal_forward_passes_on_ill_conditioned_quadratic():
+    h = torch.logspace(-2, 2, 4)  # condition number 1e4
+
+    def final_loss(lr, hessian, seed, forwards=900):
+        x = torch.nn.Parameter(h.rsqrt())  # every coordinate starts with the same loss share
+        opt = HiZOO([x], lr=lr, eps=1e-3, hessian=hessian, hessian_smooth=0.05, seed=seed)
+        for _ in range(forwards // (3 if hessian else 2)):
+            opt.step(lambda: 0.5 * (h * x * x).sum())
+        return 0.5 * (h * x.detach() ** 2).sum().item()
+
+    seeds = range(3)
+    mezo_best = min(sum(final_loss(lr, False, s) for s in seeds) / 3 for lr in (0.001, 0.003, 0.01, 0.03))
+    hizoo = sum(final_loss(0.1, True, s) for s in seeds) / 3
+    assert hizoo < 0.5 * mezo_best, (hizoo, mezo_best)
+
+
+# --- skipping, closures, errors ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("hessian", [True, False])
+def test_non_finite_loss_restores_skips_and_counts(hessian):
+    params = exact_regime_params(torch.float32)
+    before = [p.detach().clone() for p in params]
+    calls = []
+
+    def closure():
+        calls.append(1)
+        return torch.tensor(float("nan")) if len(calls) == 2 else quad_loss(params)
+
+    opt = HiZOO(params, lr=1.0, hessian=hessian, hessian_smooth=0.5)
+    opt.step(closure)
+    assert all(same_bits(p, b) for p, b in zip(params, before, strict=True))
+    assert opt.state["skipped_steps"] == 1 and opt.state["step"] == 1 and opt.log[-1].skipped
+    if hessian:
+        assert all(torch.equal(opt.state[p]["hessian"], torch.ones_like(p)) for p in params)
+    opt.step(lambda: quad_loss(params))
+    assert opt.state["skipped_steps"] == 1 and not torch.equal(params[0], before[0])
+
+
+def test_non_finite_l0_stops_before_perturbing():
+    x = torch.nn.Parameter(torch.linspace(0, 1, 10))
+    calls = []
+    opt = HiZOO([x], lr=1.0)
+    opt.step(lambda: calls.append(1) or torch.tensor(float("inf")))
+    assert len(calls) == 1 and opt.state["skipped_steps"] == 1 and not opt.log[-1].perturbed
+
+
+def test_closure_that_forgets_no_grad_still_builds_no_graph():
+    x = torch.nn.Parameter(torch.ones(5))
+    loss = HiZOO([x], lr=1e-2).step(lambda: (x**2).sum())
+    assert loss.grad_fn is None and x.grad is None
+
+
+@pytest.mark.parametrize("hessian", [True, False])
+def test_closure_errors_raise_and_leave_parameters_restored(hessian):
+    params = exact_regime_params(torch.bfloat16)
+    before = [p.detach().clone() for p in params]
+    opt = HiZOO(params, lr=1e-2, hessian=hessian)
+
+    def with_grad():
+        with torch.enable_grad():
+            return quad_loss(params)
+
+    with pytest.raises(EdgetuneError, match="requires grad"):
+        opt.step(with_grad)
+    with pytest.raises(EdgetuneError, match="no closure"):
+        opt.step()
+    with pytest.raises(EdgetuneError, match="returned tuple"):
+        opt.step(lambda: (1.0, 2.0))
+    calls = []
+
+    def fails_on_minus():
+        calls.append(1)
+        if len(calls) == (3 if hessian else 2):
+            raise RuntimeError("out of memory")
+        return quad_loss(params)
+
+    with pytest.raises(RuntimeError):
+        opt.step(fails_on_minus)
+    assert all(same_bits(p, b) for p, b in zip(params, before, strict=True))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(lr=-1.0),
+        dict(lr=float("nan")),
+        dict(eps=0.0),
+        dict(eps=float("inf")),
+        dict(weight_decay=-0.1),
+        dict(hessian_smooth=1.5),
+        dict(hessian_smooth=float("nan")),
+        dict(hessian_estimator="paper"),
+        dict(hessian_min=0.0),
+        dict(seed=-1),
+        dict(seed=1.5),
+        dict(chunk_numel=0),
+        dict(chunk_numel=2.5),
+        dict(log_size=-1),
+    ],
+)
+def test_invalid_hyperparameters_raise_value_error(kwargs):
+    name = next(iter(kwargs))
+    with pytest.raises(ValueError, match=f"HiZOO {name}="):
+        HiZOO([torch.nn.Parameter(torch.ones(3))], **kwargs)
+
+
+def test_invalid_parameters_and_groups_raise_value_error():
+    with pytest.raises(ValueError, match="dtype of a trainable parameter"):
+        HiZOO([torch.nn.Parameter(torch.ones(3, dtype=torch.float64))])
+    with pytest.raises(ValueError, match="layout of a trainable parameter"):
+        HiZOO([torch.nn.Parameter(torch.ones(4, 3).t())])
+    with pytest.raises(ValueError, match="HiZOO lr="):
+        HiZOO([{"params": [torch.nn.Parameter(torch.ones(3))], "lr": -1e-3}])
+    opt = HiZOO([torch.nn.Parameter(torch.ones(3))])
+    with pytest.raises(ValueError, match="hessian_smooth"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))], "hessian_smooth": -1.0})
+    assert len(opt.param_groups) == 1  # a rejected group is not half-added
+    frozen_int = torch.nn.Parameter(torch.ones(3, dtype=torch.uint8), requires_grad=False)
+    HiZOO([frozen_int, torch.nn.Parameter(torch.ones(3))])  # frozen (e.g. quantized) weights are skipped
+    with pytest.raises(ValueError, match="step and seed"):
+        ZOStepRecord(-1, 0, 0.0, 0.0, (), (), True, False)
+    with pytest.raises(ValueError, match="grad/curvature finite"):
+        ZOStepRecord(0, 0, float("nan"), 0.0, (), (), True, False)
+    with pytest.raises(TypeError):
+        MeZO([torch.nn.Parameter(torch.ones(3))], hessian=True)
+
+
+# --- replay and resume ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("hessian", "dtype"), [(True, torch.bfloat16), (False, torch.float32)])
+def test_step_log_replays_the_run_exactly(hessian, dtype):
+    model, start = llama(dtype), llama(dtype)
+    opt = HiZOO(model.parameters(), lr=2e-3, hessian=hessian, hessian_smooth=1e-2, seed=7)
+    loss, calls = lm_closure(model), []
+
+    def closure():  # one non-finite loss, so a skipped step is replayed too
+        calls.append(1)
+        return torch.tensor(float("nan")) if len(calls) == 5 else loss()
+
+    for _ in range(4):
+        opt.step(closure)
+    assert opt.state["skipped_steps"] == 1
+    replayer = HiZOO(start.parameters(), lr=2e-3, hessian=hessian, hessian_smooth=1e-2, seed=7)
+    replayer.replay(opt.log)
+    assert all(same_bits(a, b) for a, b in zip(model.parameters(), start.parameters(), strict=True))
+    if hessian:
+        for a, b in zip(model.parameters(), start.parameters(), strict=True):
+            assert torch.equal(opt.state[a]["hessian"], replayer.state[b]["hessian"])
+    with pytest.raises(EdgetuneError, match="record for step 0"):
+        replayer.replay(opt.log)
+
+
+@pytest.mark.parametrize("hessian", [True, False])
+def test_resume_from_state_dict_matches_uninterrupted_run(hessian):
+    kwargs = dict(lr=2e-3, hessian=hessian, hessian_smooth=1e-2, chunk_numel=4096)
+    straight, resumed = llama(torch.bfloat16), llama(torch.bfloat16)
+    opt = HiZOO(straight.parameters(), seed=11, **kwargs)
+    for _ in range(5):
+        opt.step(lm_closure(straight))
+    first = HiZOO(resumed.parameters(), seed=11, **kwargs)
+    for _ in range(3):
+        first.step(lm_closure(resumed))
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    buffer.seek(0)
+    second = HiZOO(resumed.parameters(), seed=999, **kwargs)  # the saved base seed wins
+    second.load_state_dict(torch.load(buffer))
+    for _ in range(2):
+        second.step(lm_closure(resumed))
+    assert all(same_bits(a, b) for a, b in zip(straight.parameters(), resumed.parameters(), strict=True))
+    assert second.state["step"] == 5 and second.state["base_seed"] == 11
+    if hessian:
+        assert all(second.state[p]["hessian"].dtype == torch.float32 for p in resumed.parameters())
+    other = HiZOO(resumed.parameters(), seed=11, **{**kwargs, "chunk_numel": 128})
+    with pytest.raises(EdgetuneError, match="chunk_numel=4096"):
+        other.load_state_dict(second.state_dict())
+    flipped = HiZOO(resumed.parameters(), **{**kwargs, "hessian": not hessian})
+    with pytest.raises(EdgetuneError, match=f"hessian={hessian}"):
+        flipped.load_state_dict(second.state_dict())
+
+
+# --- real models ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_full_model_loss_decreases_and_stays_finite(dtype):
+    model = llama(dtype)
+    loss = lm_closure(model)
+    with torch.no_grad():
+        start = loss().item()
+    opt = HiZOO(model.parameters(), lr=3e-3, hessian_smooth=1e-6)
+    for _ in range(8):
+        opt.step(loss)
+    with torch.no_grad():
+        end = loss().item()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(opt.state[p]["hessian"].dtype == torch.float32 for p in model.parameters())
+    assert end < start - 0.02, (start, end)
+
+
+def lora_loss_drop(model) -> tuple[float, float]:
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])).eval()
+    loss = lm_closure(model)
+    with torch.no_grad():
+        start = loss().item()  # before the snapshot: bitsandbytes repacks NF4 weights on the first CPU forward
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    opt = HiZOO(model.parameters(), lr=3e-2, hessian_smooth=1e-4)  # frozen base weights are skipped
+    for _ in range(6):
+        opt.step(loss)
+    assert all(same_bits(p, frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert all(torch.isfinite(p).all() for p in lora_b) and any(p.abs().sum() > 0 for p in lora_b)
+    with torch.no_grad():
+        return start, loss().item()
+
+
+def test_lora_parameters_train_and_base_stays_untouched(tiny_model):
+    start, end = lora_loss_drop(tiny_model)
+    assert end < start
+
+
+def test_lora_over_nf4_base(tmp_path):
+    from transformers import BitsAndBytesConfig
+
+    llama().save_pretrained(tmp_path)
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    model = LlamaForCausalLM.from_pretrained(tmp_path, quantization_config=quant, device_map="cpu")
+    assert any(p.dtype == torch.uint8 for p in model.parameters())
+    start, end = lora_loss_drop(model)
+    assert math.isfinite(end) and end < start
