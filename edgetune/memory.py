@@ -339,3 +339,35 @@ def _nvml_used_bytes(index: int) -> int | None:
         return None
     finally:
         pynvml.nvmlShutdown()
+
+
+def resident_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
+    """Bytes of the tensors that live across steps: parameters, buffers, quantization state, optimizer state.
+
+    Each storage is counted once, so tied weights and views are not double counted. Together with a
+    ``MemoryProbe`` around a step (which sees only what the step allocates) this gives the step's total.
+    """
+    tensors = list(model.parameters()) + list(model.buffers())
+    for parameter in model.parameters():
+        tensors += _quant_state_tensors(getattr(parameter, "quant_state", None))
+    if optimizer is not None:
+        # Per-parameter entries are dicts of tensors; some optimizers (HiZOO) also keep plain counters there.
+        for state in optimizer.state.values():
+            values = state.values() if isinstance(state, dict) else [state]
+            tensors += [value for value in values if isinstance(value, torch.Tensor)]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
+def _quant_state_tensors(state: object) -> list[torch.Tensor]:
+    # bitsandbytes keeps NF4 block scales (and, with double quantization, their own scales) beside the
+    # packed weight rather than as parameters or buffers.
+    if state is None:
+        return []
+    found = []
+    for value in vars(state).values():
+        if isinstance(value, torch.Tensor):
+            found.append(value)
+        elif hasattr(value, "absmax"):
+            found += _quant_state_tensors(value)
+    return found

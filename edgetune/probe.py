@@ -17,7 +17,7 @@ import torch
 from edgetune.data import DataConfig, batches, load_dataset, pad_token_id
 from edgetune.errors import EdgetuneError
 from edgetune.loading import PRECISIONS, LoraSettings, Precision, load_model, load_tokenizer
-from edgetune.memory import MemoryProbe, MemoryReport
+from edgetune.memory import MemoryProbe, MemoryReport, resident_bytes
 from edgetune.sources import DEFAULT_MODEL_KEY, resolve_model
 
 logger = logging.getLogger(__name__)
@@ -160,7 +160,7 @@ def run_probe(config: ProbeConfig, on_event: Callable[[str], None] | None = None
         model_path=str(source.path),
         total_params=sum(p.numel() for p in model.parameters()),
         trainable_params=sum(p.numel() for p in trainable),
-        resident_bytes=_resident_bytes(model, optimizer),
+        resident_bytes=resident_bytes(model, optimizer),
         load_seconds=load_seconds,
         val_loss_before=val_before,
         val_loss_after=val_after,
@@ -210,32 +210,6 @@ def _cycle(examples: list, batch_size: int, pad_id: int, seed: int) -> Iterator[
     while True:
         yield from batches(examples, batch_size, pad_id, shuffle=True, seed=seed, epoch=epoch)
         epoch += 1
-
-
-def _resident_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> int:
-    tensors = list(model.parameters()) + list(model.buffers())
-    for parameter in model.parameters():
-        tensors += _quant_state_tensors(getattr(parameter, "quant_state", None))
-    if optimizer is not None:
-        tensors += [
-            value for state in optimizer.state.values() for value in state.values() if isinstance(value, torch.Tensor)
-        ]
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
-    return sum(storages.values())
-
-
-def _quant_state_tensors(state: object) -> list[torch.Tensor]:
-    # bitsandbytes keeps NF4 block scales (and, with double quantization, their own scales) beside the
-    # packed weight rather than as parameters or buffers.
-    if state is None:
-        return []
-    found = []
-    for value in vars(state).values():
-        if isinstance(value, torch.Tensor):
-            found.append(value)
-        elif hasattr(value, "absmax"):
-            found += _quant_state_tensors(value)
-    return found
 
 
 def format_probe(result: ProbeResult) -> str:
