@@ -6,10 +6,17 @@ so an application has one import to learn.
 
 from collections.abc import Callable
 
+from edgetune.budget import Budget, BudgetKind, context_bytes_for, levers, parse_bytes, recommend, size
 from edgetune.device import DeviceInfo, read_devices
+from edgetune.errors import EdgetuneError
+from edgetune.inventory import inspect_model
+from edgetune.loading import DEFAULT_LORA_TARGETS
+from edgetune.planner import RunShape
 from edgetune.probe import ProbeConfig, ProbeResult, run_probe
 from edgetune.profiles import DeviceProfile, list_profiles, load_profile
-from edgetune.sources import ModelSource, resolve_model
+from edgetune.report import PlanResult, ladder_reason
+from edgetune.sources import DEFAULT_MODEL_KEY, ModelSource, resolve_model
+from edgetune.strategies import STRATEGIES
 
 
 def devices() -> list[DeviceInfo]:
@@ -50,3 +57,77 @@ def probe(config: ProbeConfig | None = None, on_event: Callable[[str], None] | N
         EdgetuneError: the model, data or device cannot be used.
     """
     return run_probe(config or ProbeConfig(), on_event=on_event)
+
+
+def plan(
+    model: str = DEFAULT_MODEL_KEY,
+    *,
+    batch_size: int = 4,
+    seq_len: int = 256,
+    lora_rank: int = 16,
+    lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS,
+    profile: str | None = None,
+    budget: str | int | None = None,
+    budget_device: BudgetKind = "cuda",
+    strategies: tuple[str, ...] | None = None,
+    on_event: Callable[[str], None] | None = None,
+) -> PlanResult:
+    """Size every strategy for a model and run shape against a memory budget, and pick one.
+
+    The budget is, in order of precedence: ``budget`` (bytes or a size such as "6GiB", for ``budget_device``),
+    a device ``profile`` (e.g. "rtx-4060-8gb"), or the free memory of this machine's first visible device.
+
+    Raises:
+        EdgetuneError: the model cannot be inspected, a value is out of range, the profile is unknown or the
+            budget does not parse.
+    """
+    source = resolve_model(model, on_event=on_event)
+    spec = inspect_model(source)
+    run = RunShape(batch_size=batch_size, seq_len=seq_len, lora_rank=lora_rank, lora_targets=tuple(lora_targets))
+    memory = _budget(profile, budget, budget_device)
+    chosen = strategies or tuple(STRATEGIES)
+    unknown = [name for name in chosen if name not in STRATEGIES]
+    if unknown:
+        raise EdgetuneError(f"unknown strategy {unknown[0]!r}", f"use one of {', '.join(STRATEGIES)}")
+    plans = {name: size(spec, STRATEGIES[name], run, memory) for name in chosen}
+    recommended = recommend(plans)
+    warnings = []
+    if spec.max_positions and seq_len > spec.max_positions:
+        warnings.append(f"seq_len {seq_len} exceeds the model's {spec.max_positions} positions; planned anyway")
+    return PlanResult(
+        model=source.name,
+        spec=spec,
+        run=run,
+        budget=memory,
+        plans=plans,
+        recommended=recommended,
+        reason=ladder_reason(recommended, plans),
+        levers=[] if recommended else levers(spec, run, memory),
+        warnings=warnings,
+    )
+
+
+def _budget(profile: str | None, budget: str | int | None, budget_device: BudgetKind) -> Budget:
+    if budget is not None:
+        size_bytes = budget if isinstance(budget, int) else parse_bytes(budget)
+        if size_bytes <= 0:
+            raise EdgetuneError(f"budget must be positive, got {budget}", "pass a size such as 6GiB")
+        return Budget(
+            size_bytes, size_bytes, budget_device, f"--budget {budget}", context_bytes_for(budget_device, None)
+        )
+    if profile is not None:
+        device = load_profile(profile)
+        kind: BudgetKind = "unified" if device.unified else "cuda"
+        note = "total memory; the OS shares it" if device.unified else "total memory; a desktop uses part of it"
+        return Budget(
+            device.memory_bytes,
+            device.memory_bytes,
+            kind,
+            f"profile {device.key}, {note}",
+            context_bytes_for(kind, device.ctx_overhead_bytes),
+        )
+    device = read_devices()[0]
+    kind = {"nvml_v2": "cuda", "nvml_v1": "cuda", "psutil_unified": "unified"}.get(device.source, "cpu")
+    return Budget(
+        device.free_bytes, device.total_bytes, kind, f"{device.name} via {device.source}", context_bytes_for(kind, None)
+    )

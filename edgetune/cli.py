@@ -47,6 +47,7 @@ def _build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     _add_devices(commands, common)
+    _add_plan(commands, common)
     _add_probe(commands, common)
     return parser
 
@@ -74,6 +75,52 @@ def _run_devices(args: argparse.Namespace) -> int:
 
         devices = api.devices()
         _emit(args.json, [d.to_dict() for d in devices], lambda: format_devices_table(devices))
+    return 0
+
+
+def _add_plan(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    sub = commands.add_parser(
+        "plan",
+        parents=[common],
+        help="size every strategy for a model and run shape, say what fits and pick one",
+        description="Size every strategy (weights, adapters, gradients, optimizer state, activations, logits, "
+        "slack) against the free memory of this machine, a device profile or an explicit budget, and recommend "
+        "the fastest-converging strategy that fits: AdaFish, then ScaledAdamW on QLoRA, then HiZOO.",
+    )
+    sub.add_argument("--model", default="smollm2-135m", help="smollm2-135m, a model folder, a config.json, a hub id")
+    sub.add_argument("--batch-size", type=int, default=4)
+    sub.add_argument("--seq-len", type=int, default=256)
+    sub.add_argument("--lora-rank", type=int, default=16)
+    where = sub.add_mutually_exclusive_group()
+    where.add_argument("--profile", help="plan for a device profile, e.g. rtx-4060-8gb (see devices --profiles)")
+    where.add_argument("--budget", help="plan for this much free memory, e.g. 6GiB")
+    sub.add_argument(
+        "--budget-device",
+        choices=["cuda", "cpu", "unified"],
+        default="cuda",
+        help="what kind of memory --budget describes (default cuda)",
+    )
+    sub.add_argument("--json", action="store_true", help="print the plan as JSON (all figures in bytes)")
+    sub.set_defaults(handler=_run_plan)
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    from edgetune import api
+    from edgetune.report import format_plan
+
+    result = api.plan(
+        args.model,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        lora_rank=args.lora_rank,
+        profile=args.profile,
+        budget=args.budget,
+        budget_device=args.budget_device,
+        on_event=lambda message: print(message, file=sys.stderr, flush=True),
+    )
+    for warning in result.warnings:
+        print(f"edgetune: warning: {warning}", file=sys.stderr)
+    _emit(args.json, result.to_dict(), lambda: format_plan(result))
     return 0
 
 
@@ -111,9 +158,18 @@ def _run_probe(args: argparse.Namespace) -> int:
     from edgetune.probe import ProbeConfig, format_probe
 
     config = ProbeConfig(
-        model=args.model, precision=args.precision, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
-        gradient_checkpointing=not args.no_checkpointing, optimizer=args.optimizer, lr=args.lr,
-        batch_size=args.batch_size, seq_len=args.seq_len, steps=args.steps, data=args.data, device=args.device,
+        model=args.model,
+        precision=args.precision,
+        lora_rank=args.lora_rank,
+        lora_alpha=args.lora_alpha,
+        gradient_checkpointing=not args.no_checkpointing,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        steps=args.steps,
+        data=args.data,
+        device=args.device,
         seed=args.seed,
     )
     result = api.probe(config, on_event=lambda message: print(message, file=sys.stderr, flush=True))

@@ -1,0 +1,51 @@
+"""Measured constants of the memory planner, with the command that measures each one again.
+
+Everything else the planner uses is exact (parameter counts, quantized weight layout, optimizer state). These
+numbers describe what autograd and the loss keep alive, which depends on the transformers/torch/peft stack;
+they were measured with transformers 5.23, torch 2.13 and peft 0.21 on CPU.
+"""
+
+# Bytes saved for backward per token per decoder layer (Llama-style block: RMSNorm, GQA attention through SDPA,
+# SwiGLU MLP), as a linear combination of the block's widths. Fitted exactly from saved-tensor hooks on 1- and
+# 2-layer models of 5 shapes x 3 LoRA target sets x 2 ranks: `python bench/planner_calibrate.py`. The LoRA fit
+# leaves at most 109 bytes per token per layer unexplained (under 0.5% for any model above 4M parameters).
+# "adapted_inputs" is the sum of the input widths of the adapted linears: peft casts each adapter's input to
+# the fp32 adapter dtype and keeps that copy for the adapter's weight gradient.
+ACTIVATION_COEFFICIENTS: dict[str, dict[str, float]] = {
+    "lora": {
+        "hidden": 11.974,
+        "kv_dim": 3.981,
+        "intermediate": 6.106,
+        "heads": 2.819,
+        "adapted_inputs": 3.994,
+        "adapted_rank": 3.888,
+    },
+    "full": {
+        "hidden": 19.993,
+        "kv_dim": 3.987,
+        "intermediate": 8.009,
+        "heads": 5.075,
+        "adapted_inputs": 0.0,
+        "adapted_rank": 0.0,
+    },
+}
+# With gradient checkpointing each layer keeps only its bf16 input (2 bytes per hidden unit per token); the same
+# script measures exactly 2.000 for every mode.
+CHECKPOINT_BYTES_PER_HIDDEN = 2
+
+# Bytes per token per vocabulary entry that the logits and the cross-entropy hold at their peak: bf16 logits, the
+# fp32 upcast transformers' loss makes, fp32 log-probabilities and, with backprop, the gradient. Measured as the
+# step peak of the tiny model (2 layers, vocabulary 49,152, so the logits dominate) at 128 and 512 tokens:
+# `python bench/planner_measure.py --quick` gives 12.3 with backprop and 10.0 forward-only.
+LOGITS_BYTES_BACKPROP = 12.3
+LOGITS_BYTES_FORWARD = 10.0
+
+# torch's AdamW runs per tensor on CPU (foreach off), so its step allocates about two copies of the largest
+# trainable tensor; on CUDA foreach is on and the step allocates one copy of all state (sqrt of exp_avg_sq).
+# Measured on SmolLM2-135M full fine-tuning (bench/planner_measure.py): the step peak equals bf16 gradients
+# plus two copies of the tied embedding.
+ADAMW_CPU_TEMPORARY_COPIES = 2
+
+# CUDA context plus cuBLAS workspaces when the device has not been measured (planner-model.md 6.7: PyTorch
+# reports 287-667 MB; 600 MB is the documented middle). Profiles may carry a measured ctx_overhead_bytes.
+DEFAULT_CUDA_CONTEXT_BYTES = 600 * 1024**2
