@@ -135,6 +135,49 @@ def test_the_installed_command_exits_2_without_a_traceback(tmp_path):
 
 
 def test_importing_edgetune_loads_no_heavy_library():
-    code = "import sys, edgetune; heavy = {'torch', 'transformers', 'pynvml', 'bitsandbytes'} & set(sys.modules); print(sorted(heavy))"
+    code = "import sys, edgetune; print(sorted({'torch', 'transformers', 'pynvml', 'bitsandbytes'} & set(sys.modules)))"
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert completed.stdout.strip() == "[]", completed.stdout + completed.stderr
+
+
+def tiny_config_file(tmp_path):
+    from conftest import tiny_llama_config
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(tiny_llama_config().to_dict()))
+    return str(path)
+
+
+def test_plan_prints_components_by_strategy_and_a_recommendation(capsys, tmp_path):
+    code, out, _ = run(
+        capsys, "plan", "--model", tiny_config_file(tmp_path), "--profile", "rtx-4060-8gb", "--seq-len", "128"
+    )
+    assert code == 0
+    assert "weights *" in out and "activations" in out and "logits" in out and "total" in out
+    assert "recommended: adafish-lora" in out and "profile rtx-4060-8gb" in out
+
+
+def test_plan_json_has_the_same_numbers(capsys, tmp_path):
+    code, out, _ = run(capsys, "plan", "--model", tiny_config_file(tmp_path), "--budget", "2GiB", "--json")
+    plan = json.loads(out)
+    assert code == 0 and plan["budget"]["free_bytes"] == 2 * 2**30
+    for strategy in plan["strategies"].values():
+        assert strategy["total_bytes"] == sum(c["bytes"] for c in strategy["components"].values())
+
+
+@pytest.mark.parametrize(
+    "argv,fragment",
+    [
+        (["--profile", "rtx-9999"], "unknown"),
+        (["--budget", "6 parsecs"], "is not a memory size"),
+        (["--batch-size", "0"], "batch_size must be a positive integer"),
+        (["--lora-rank", "0"], "lora_rank must be a positive integer"),
+    ],
+)
+def test_plan_bad_input_exits_2_with_one_line(capsys, tmp_path, argv, fragment):
+    code, out, err = run(capsys, "plan", "--model", tiny_config_file(tmp_path), *argv)
+    assert code == 2 and out == "" and err.count("\n") == 1 and fragment in err
+
+
+def test_profile_and_budget_together_are_a_usage_error(capsys, tmp_path):
+    assert run(capsys, "plan", "--profile", "rtx-4060-8gb", "--budget", "6GiB")[0] == 2
