@@ -1,8 +1,8 @@
 import json
 
 import pytest
-
 from conftest import tiny_llama_config
+
 from edgetune import api
 from edgetune.budget import MIN_MARGIN_BYTES, Budget, levers, parse_bytes, recommend, size, total_bytes
 from edgetune.errors import EdgetuneError
@@ -54,7 +54,7 @@ def test_the_ladder_picks_the_fastest_converging_strategy_that_fits(spec):
     run = RunShape(8, 512, 16)
     totals = {name: total_bytes(spec, STRATEGIES[name], run, cuda(100 * GIB)) for name in LADDER}
     assert totals["adafish-lora"] > totals["adafish-lora-gc"] > totals["hizoo-qlora"]
-    for index, name in enumerate(LADDER):
+    for name in LADDER:
         # Just enough usable memory for this rung (plus margin), not for the rungs above it.
         budget = cuda(totals[name] + MIN_MARGIN_BYTES)
         plans = {n: size(spec, STRATEGIES[n], run, budget) for n in STRATEGIES}
