@@ -12,7 +12,7 @@ from typing import Literal
 from edgetune import calibration
 from edgetune.errors import EdgetuneError
 from edgetune.inventory import ModelSpec
-from edgetune.planner import Component, Estimate, RunShape, estimate
+from edgetune.planner import EDGETUNE_CPU, EDGETUNE_CUDA, Component, Estimate, RunShape, estimate
 from edgetune.strategies import LADDER, STRATEGIES, Strategy
 
 BudgetKind = Literal["cuda", "unified", "cpu"]
@@ -127,7 +127,7 @@ def total_bytes(spec: ModelSpec, strategy: Strategy, run: RunShape, budget: Budg
 
 
 def _estimate(spec: ModelSpec, strategy: Strategy, run: RunShape, budget: Budget) -> Estimate:
-    return estimate(spec, strategy, run, device="cpu" if budget.kind == "cpu" else "cuda")
+    return estimate(spec, strategy, run, EDGETUNE_CPU if budget.kind == "cpu" else EDGETUNE_CUDA)
 
 
 def _largest(make_run, spec: ModelSpec, strategy: Strategy, budget: Budget, upper: int) -> int:

@@ -21,7 +21,39 @@ from edgetune.optim import adafish, hizoo, scaled_adamw
 from edgetune.strategies import Backprop, Strategy, ZerothOrder
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
-ADAPTER_BYTES = 4  # peft keeps LoRA weights in fp32 (see edgetune.loading.attach_lora)
+
+
+@dataclass(frozen=True)
+class Stack:
+    """How the software stack stores and computes things; the defaults are edgetune's own loading path.
+
+    Other tools differ (bf16 adapters, fp32 embeddings after ``prepare_model_for_kbit_training``, chunked
+    cross-entropy, offloaded checkpoints), which is how ``bench/planner_accuracy.py`` replays their published
+    measurements.
+
+    Attributes:
+        device: "cuda" or "cpu" (optimizer-step temporaries differ).
+        adapter_bytes: bytes per LoRA weight; peft keeps adapters in fp32 (see ``loading.attach_lora``).
+        unquantized_bytes: bytes per embedding, head and norm weight next to an NF4 base.
+        double_quant: NF4 with double quantization of the block scales.
+        logits_bytes_backprop: bytes per token per vocabulary entry at the loss, with backprop.
+        logits_bytes_forward: the same for a no-grad forward.
+        offload_checkpoints: checkpoints live in host memory (Unsloth's "unsloth" checkpointing).
+        quantized_matmul_saves_input: bitsandbytes before the fix of bitsandbytes #1270 (mid 2024) kept the
+            16-bit input of every 4-bit matmul for backward, even with the base frozen.
+    """
+
+    device: str = "cuda"
+    adapter_bytes: int = 4
+    unquantized_bytes: int = 2
+    double_quant: bool = True
+    logits_bytes_backprop: float = calibration.LOGITS_BYTES_BACKPROP
+    logits_bytes_forward: float = calibration.LOGITS_BYTES_FORWARD
+    offload_checkpoints: bool = False
+    quantized_matmul_saves_input: bool = False
+
+
+EDGETUNE_CUDA, EDGETUNE_CPU = Stack(device="cuda"), Stack(device="cpu")
 
 
 @dataclass(frozen=True)
@@ -67,45 +99,49 @@ class Estimate:
         return next(c for c in self.components if c.name == name)
 
 
-def estimate(spec: ModelSpec, strategy: Strategy, run: RunShape, *, device: str = "cuda") -> Estimate:
-    """Bytes the strategy needs at its peak on ``device`` ("cuda" or "cpu"), without context, slack or margin.
+def estimate(spec: ModelSpec, strategy: Strategy, run: RunShape, stack: Stack = EDGETUNE_CUDA) -> Estimate:
+    """Bytes the strategy needs at its peak with ``stack``, without context, slack or margin.
 
     Raises:
         EdgetuneError: no LoRA target exists in the model.
     """
     shapes = lora_shapes(spec, run.lora_rank, run.lora_targets) if strategy.lora else []
     trainable = lora_params(shapes) if strategy.lora else spec.total_params
-    trainable_bytes = ADAPTER_BYTES if strategy.lora else DTYPE_BYTES.get(strategy.base, 2)
+    trainable_bytes = stack.adapter_bytes if strategy.lora else DTYPE_BYTES.get(strategy.base, 2)
+    state = optimizer_state_bytes(spec, strategy, shapes, trainable, stack)
     resident = [
-        Component("weights", weights_bytes(spec, strategy.base), True, _weights_note(strategy.base)),
-        Component("adapters", ADAPTER_BYTES * trainable if strategy.lora else 0, True, "LoRA A and B in fp32"),
-        Component(
-            "optimizer state", optimizer_state_bytes(spec, strategy, shapes, trainable), True, _state_note(strategy)
-        ),
+        Component("weights", weights_bytes(spec, strategy.base, stack), True, _weights_note(strategy.base)),
+        Component("adapters", trainable * trainable_bytes if strategy.lora else 0, True, "LoRA A and B"),
+        Component("optimizer state", state, True, _state_note(strategy)),
     ]
     if isinstance(strategy, ZerothOrder):
-        phases = _zeroth_order_phases(spec, strategy, run, shapes)
+        phases = _zeroth_order_phases(spec, strategy, run, shapes, stack)
     else:
-        phases = _backprop_phases(spec, strategy, run, shapes, trainable * trainable_bytes, device)
+        phases = _backprop_phases(spec, strategy, run, shapes, trainable * trainable_bytes, stack)
     peak_phase = max(phases, key=lambda name: sum(c.bytes for c in phases[name]))
     components = tuple(resident) + _phase_rows(phases, peak_phase)
     return Estimate(strategy.name, components, peak_phase, sum(c.bytes for c in resident + list(phases[peak_phase])))
 
 
-def weights_bytes(spec: ModelSpec, base: str) -> int:
-    """Exact bytes of the base weights as edgetune loads them (NF4: linears 4-bit, the rest bf16), with buffers."""
+def weights_bytes(spec: ModelSpec, base: str, stack: Stack = EDGETUNE_CUDA) -> int:
+    """Exact bytes of the base weights as loaded (NF4: linears 4-bit, the rest 16-bit by default), with buffers."""
     if base == "nf4":
-        return nf4_bytes(spec) + 2 * (spec.embedding_params + spec.head_params + spec.other_params) + spec.buffer_bytes
+        rest = spec.embedding_params + spec.head_params + spec.other_params
+        return nf4_bytes(spec, stack.double_quant) + stack.unquantized_bytes * rest + spec.buffer_bytes
     return DTYPE_BYTES[base] * spec.total_params + spec.buffer_bytes
 
 
 def optimizer_state_bytes(
-    spec: ModelSpec, strategy: Strategy, shapes: list[tuple[int, int, int]], trainable: int
+    spec: ModelSpec,
+    strategy: Strategy,
+    shapes: list[tuple[int, int, int]],
+    trainable: int,
+    stack: Stack = EDGETUNE_CUDA,
 ) -> int:
     """Exact persistent optimizer state, from the optimizer module that defines it."""
     if isinstance(strategy, ZerothOrder):
         return hizoo.state_bytes(trainable, strategy.hessian)
-    param_bytes = ADAPTER_BYTES if strategy.lora else DTYPE_BYTES[strategy.base]
+    param_bytes = stack.adapter_bytes if strategy.lora else DTYPE_BYTES[strategy.base]
     if strategy.optimizer == "adafish":
         return adafish.state_bytes(shapes, 0, param_bytes=param_bytes)
     if strategy.optimizer == "scaled_adamw":
@@ -115,9 +151,14 @@ def optimizer_state_bytes(
     return 2 * param_bytes * trainable + 4 * tensors
 
 
-def activation_bytes_per_token(spec: ModelSpec, strategy: Strategy, run: RunShape) -> float:
+def activation_bytes_per_token(
+    spec: ModelSpec, strategy: Strategy, run: RunShape, stack: Stack = EDGETUNE_CUDA
+) -> float:
     """Calibrated bytes one decoder layer keeps for backward per token, without checkpointing."""
-    coefficients = calibration.ACTIVATION_COEFFICIENTS["lora" if strategy.lora else "full"]
+    coefficients = dict(calibration.ACTIVATION_COEFFICIENTS["lora" if strategy.lora else "full"])
+    if stack.adapter_bytes == 2:
+        # 16-bit adapters read the base layer's own input, so no fp32 copy of it is kept.
+        coefficients["adapted_inputs"] = 0.0
     adapted = [spec.linear_group(t) for t in run.lora_targets] if strategy.lora else []
     widths = {
         "hidden": spec.hidden_size,
@@ -127,14 +168,19 @@ def activation_bytes_per_token(spec: ModelSpec, strategy: Strategy, run: RunShap
         "adapted_inputs": sum(g.in_features for g in adapted if g is not None),
         "adapted_rank": run.lora_rank * sum(1 for g in adapted if g is not None),
     }
-    return sum(coefficients[name] * widths[name] for name in widths)
+    per_token = sum(coefficients[name] * widths[name] for name in widths)
+    if stack.quantized_matmul_saves_input and strategy.base == "nf4":
+        # The distinct inputs of a block's linears: attention input, o_proj, MLP input (h each) and down_proj (i).
+        per_token += 2 * (3 * spec.hidden_size + spec.intermediate_size)
+    return per_token
 
 
-def _backprop_phases(spec, strategy: Backprop, run, shapes, gradient_bytes: int, device: str):
-    layer = round(activation_bytes_per_token(spec, strategy, run) * run.tokens)
+def _backprop_phases(spec, strategy: Backprop, run, shapes, gradient_bytes: int, stack: Stack):
+    layer = round(activation_bytes_per_token(spec, strategy, run, stack) * run.tokens)
     checkpoints = calibration.CHECKPOINT_BYTES_PER_HIDDEN * spec.hidden_size * run.tokens * spec.num_layers
+    checkpoints *= 0 if stack.offload_checkpoints else 1
     kept = checkpoints if strategy.checkpointing else layer * spec.num_layers
-    logits = round(calibration.LOGITS_BYTES_BACKPROP * run.tokens * spec.vocab_size)
+    logits = round(stack.logits_bytes_backprop * run.tokens * spec.vocab_size)
     gradients = Component("gradients", gradient_bytes, True, "one per trainable parameter")
     activations = Component("activations", kept, False, _activation_note(strategy, spec))
     return {
@@ -148,16 +194,16 @@ def _backprop_phases(spec, strategy: Backprop, run, shapes, gradient_bytes: int,
         "optimizer step": (
             gradients,
             Component(
-                "step temporaries", step_temporary_bytes(spec, strategy, shapes, device), False, "during opt.step()"
+                "step temporaries", step_temporary_bytes(spec, strategy, shapes, stack), False, "during opt.step()"
             ),
         ),
     }
 
 
-def _zeroth_order_phases(spec, strategy: ZerothOrder, run, shapes):
+def _zeroth_order_phases(spec, strategy: ZerothOrder, run, shapes, stack: Stack):
     largest = max((r * max(i, o) for r, i, o in shapes), default=0) if strategy.lora else spec.largest_tensor_params
     buffer = hizoo.buffer_bytes(largest, strategy.hessian, hizoo.CPU_CHUNK_NUMEL)
-    logits = round(calibration.LOGITS_BYTES_FORWARD * run.tokens * spec.vocab_size)
+    logits = round(stack.logits_bytes_forward * run.tokens * spec.vocab_size)
     return {
         "forward": (
             Component("logits", logits, False, "no-grad forward: logits and fp32 loss"),
@@ -166,16 +212,16 @@ def _zeroth_order_phases(spec, strategy: ZerothOrder, run, shapes):
     }
 
 
-def step_temporary_bytes(spec: ModelSpec, strategy: Backprop, shapes, device: str) -> int:
+def step_temporary_bytes(spec: ModelSpec, strategy: Backprop, shapes, stack: Stack = EDGETUNE_CUDA) -> int:
     """Bytes the optimizer step allocates and frees (calibrated for torch AdamW, bounds for ours)."""
-    param_bytes = ADAPTER_BYTES if strategy.lora else DTYPE_BYTES[strategy.base]
+    param_bytes = stack.adapter_bytes if strategy.lora else DTYPE_BYTES[strategy.base]
     other = 0 if strategy.lora else spec.total_params
     if strategy.optimizer == "scaled_adamw":
         return scaled_adamw.step_temporary_bytes(shapes, other, param_bytes=param_bytes)
     largest = max((r * max(i, o) for r, i, o in shapes), default=0) if strategy.lora else spec.largest_tensor_params
     if strategy.optimizer == "adamw":
         # torch AdamW computes in the parameter dtype: foreach (CUDA) over everything, per tensor on CPU.
-        if device == "cuda":
+        if stack.device == "cuda":
             return param_bytes * (lora_params(shapes) if strategy.lora else spec.total_params)
         return calibration.ADAMW_CPU_TEMPORARY_COPIES * param_bytes * largest
     return calibration.ADAMW_CPU_TEMPORARY_COPIES * max(4, param_bytes) * largest

@@ -6,7 +6,7 @@ from edgetune.errors import EdgetuneError
 from edgetune.inventory import inspect_config, lora_params, lora_shapes, nf4_bytes
 from edgetune.loading import DEFAULT_LORA_TARGETS, LoraSettings, load_model
 from edgetune.memory import MemoryProbe, resident_bytes
-from edgetune.planner import RunShape, estimate, optimizer_state_bytes, weights_bytes
+from edgetune.planner import EDGETUNE_CPU, RunShape, estimate, optimizer_state_bytes, weights_bytes
 from edgetune.sources import resolve_model
 from edgetune.strategies import STRATEGIES, make_optimizer, training_step
 
@@ -88,7 +88,7 @@ def test_plan_is_within_ten_percent_of_a_measured_step(tiny_trainable_dir, name)
         training_step(strategy, model, batch, optimizer)
     measured = resident + probe.report.peak_allocated_bytes
     spec = inspect_config(__import__("json").loads((tiny_trainable_dir / "config.json").read_text()))
-    planned = estimate(spec, strategy, RunShape(4, 64, 16), device="cpu").peak_bytes
+    planned = estimate(spec, strategy, RunShape(4, 64, 16), EDGETUNE_CPU).peak_bytes
     assert abs(planned - measured) / measured < 0.10, (planned, measured)
 
 
