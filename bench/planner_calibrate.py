@@ -125,6 +125,10 @@ def fit(mode: str, checkpointing: bool) -> dict[str, float]:
 
 
 def main() -> None:
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
     table = {}
     for mode in ("lora-bf16", "lora-nf4", "full-bf16"):
         for checkpointing in (False, True):
