@@ -16,6 +16,7 @@ import torch
 
 from edgetune.data import DataConfig, batches, load_dataset, pad_token_id
 from edgetune.errors import EdgetuneError
+from edgetune.evaluation import held_out_loss
 from edgetune.loading import PRECISIONS, LoraSettings, Precision, load_model, load_tokenizer
 from edgetune.memory import MemoryProbe, MemoryReport, resident_bytes
 from edgetune.sources import DEFAULT_MODEL_KEY, resolve_model
@@ -145,7 +146,7 @@ def run_probe(config: ProbeConfig, on_event: Callable[[str], None] | None = None
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr) if config.optimizer == "adamw" else None
     device = torch.device(config.device)
-    val_before = held_out_loss(model, data.val, config.batch_size, device)
+    val_before = held_out_loss(model, data.val, config.batch_size, pad_token_id(tokenizer), device)
     steps = []
     train_batches = _cycle(data.train, config.batch_size, pad_token_id(tokenizer), config.seed)
     for index in range(config.steps):
@@ -154,7 +155,7 @@ def run_probe(config: ProbeConfig, on_event: Callable[[str], None] | None = None
             f"step {index + 1}/{config.steps}: loss {steps[-1].loss:.4f}, {steps[-1].seconds:.2f} s, "
             f"peak +{steps[-1].memory.peak_allocated_bytes / 2**20:.0f} MiB"
         )
-    val_after = held_out_loss(model, data.val, config.batch_size, device)
+    val_after = held_out_loss(model, data.val, config.batch_size, pad_token_id(tokenizer), device)
     return ProbeResult(
         config=config,
         model_path=str(source.path),
@@ -187,22 +188,6 @@ def _measured_step(model, batch, optimizer, step: int, device: torch.device) -> 
     return ProbeStep(
         step=step, loss=float(loss), seconds=seconds, tokens=tokens, grad_norm=grad_norm, memory=probe.report
     )
-
-
-@torch.no_grad()
-def held_out_loss(model: torch.nn.Module, examples: list, batch_size: int, device: torch.device) -> float:
-    """Token-weighted mean cross-entropy over held-out examples."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    # Padding is masked out of attention and labels, so any id serves.
-    for batch in batches(examples, batch_size, pad_id=0, shuffle=False):
-        batch = {key: value.to(device) for key, value in batch.items()}
-        tokens = int((batch["labels"][:, 1:] != -100).sum())
-        total += float(model(**batch).loss) * tokens
-        count += tokens
-    model.train(was_training)
-    return total / max(count, 1)
 
 
 def _cycle(examples: list, batch_size: int, pad_id: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
