@@ -5,7 +5,7 @@ Importing edgetune loads nothing heavy and touches no GPU; the API functions imp
 
 __version__ = "0.1.0"
 
-_API = ("device_profile", "device_profiles", "devices", "model_source", "plan", "probe")
+_API = ("device_profile", "device_profiles", "devices", "model_source", "plan", "probe", "train", "train_config")
 __all__ = ["EdgetuneError", "__version__", *_API]
 
 from edgetune.errors import EdgetuneError  # noqa: E402

@@ -5,6 +5,7 @@ so an application has one import to learn.
 """
 
 from collections.abc import Callable
+from pathlib import Path
 
 from edgetune.budget import Budget, BudgetKind, context_bytes_for, levers, parse_bytes, recommend, size
 from edgetune.device import DeviceInfo, read_devices
@@ -131,3 +132,41 @@ def _budget(profile: str | None, budget: str | int | None, budget_device: Budget
     return Budget(
         device.free_bytes, device.total_bytes, kind, f"{device.name} via {device.source}", context_bytes_for(kind, None)
     )
+
+
+def train_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = (), *, resume: str | None = None):
+    """The config a run uses: a YAML file (or a run folder's saved config with ``resume``) plus overrides.
+
+    Raises:
+        EdgetuneError: the file does not parse, a key is unknown, a value has the wrong type or is out of range.
+    """
+    from edgetune.config import load_config
+
+    if resume is not None:
+        saved = Path(resume) / "config.yaml"
+        if not saved.is_file():
+            raise EdgetuneError(
+                f"{resume} has no config.yaml, so it is not an edgetune run folder",
+                "pass the output folder of an earlier `edgetune train`",
+            )
+        return load_config(saved, [*overrides, f"output.dir={resume}"])
+    return load_config(path, list(overrides))
+
+
+def train(config=None, *, resume: bool = False, on_step=None, on_event=None, cancel=None):
+    """Fine-tune as the config says; see ``edgetune.train.train``. Safe to call from a worker thread.
+
+    Args:
+        config: a ``TrainConfig`` (None: the defaults, the main job on the embedded model).
+        resume: continue from the newest complete checkpoint in ``config.output.dir``.
+        on_step: called with a ``StepInfo`` after every step.
+        on_event: called with one-line messages (model conversion, strategy choice, evaluation).
+        cancel: a ``CancelToken``; when cancelled, the run checkpoints at the next step boundary and returns.
+
+    Raises:
+        EdgetuneError: the model, data, output folder, strategy or checkpoint cannot be used.
+    """
+    from edgetune.config import TrainConfig
+    from edgetune.train import train as run_training
+
+    return run_training(config or TrainConfig(), resume=resume, on_step=on_step, on_event=on_event, cancel=cancel)

@@ -7,6 +7,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -47,6 +48,7 @@ def _build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     _add_devices(commands, common)
+    _add_train(commands, common)
     _add_plan(commands, common)
     _add_probe(commands, common)
     return parser
@@ -76,6 +78,107 @@ def _run_devices(args: argparse.Namespace) -> int:
         devices = api.devices()
         _emit(args.json, [d.to_dict() for d in devices], lambda: format_devices_table(devices))
     return 0
+
+
+def _add_train(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    from edgetune.config import describe_fields
+
+    keys = "\n".join(f"  {key:<28} {kind:<14} {text}" for key, kind, text in describe_fields())
+    sub = commands.add_parser(
+        "train",
+        parents=[common],
+        help="fine-tune: plan, pick a strategy, train with checkpoints, save adapters (no arguments: the default job)",
+        description="Fine-tune a model. With no strategy set, `edgetune plan` picks one. With no arguments, "
+        "fine-tunes the embedded SmolLM2-135M on the bundled text.",
+        epilog=f"config keys (YAML sections, or key=value overrides):\n{keys}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub.add_argument("config", nargs="?", help="a YAML config (see --print-config)")
+    sub.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.steps=100 lora.rank=8")
+    sub.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    sub.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    sub.add_argument("--force", action="store_true", help="train even if the plan says it will not fit")
+    sub.add_argument("--json", action="store_true", help="print the result as JSON")
+    sub.set_defaults(handler=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    import signal
+
+    from edgetune import api
+    from edgetune.train import CancelToken
+
+    config_path, overrides = args.config, list(args.overrides)
+    if config_path is not None and "=" in config_path and not config_path.endswith((".yaml", ".yml")):
+        config_path, overrides = None, [config_path, *overrides]
+    if args.force:
+        overrides.append("train.force=true")
+    config = api.train_config(config_path, overrides, resume=args.resume)
+    if args.print_config:
+        print(config.to_yaml(), end="")
+        return 0
+    cancel = CancelToken()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        # The first signal asks for a checkpoint at the next step boundary; a second one stops at once.
+        signal.signal(signum, lambda *_: cancel.cancel() if not cancel.cancelled else _hard_stop())
+    progress = _Progress()
+    result = api.train(
+        config, resume=args.resume is not None, on_step=progress.update, on_event=progress.message, cancel=cancel
+    )
+    progress.close()
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2, default=str))
+    else:
+        print(_train_summary(result))
+    return 0 if result.status in ("finished", "cancelled") else 1
+
+
+def _hard_stop() -> None:
+    raise KeyboardInterrupt
+
+
+class _Progress:
+    """One updating line on stderr: step/total, loss, tokens/s, ETA and memory."""
+
+    def __init__(self) -> None:
+        self.active = False
+
+    def update(self, info) -> None:
+        memory = info.memory.get("reserved_bytes", info.memory.get("rss_bytes", 0)) / 2**20
+        eta = time.strftime("%M:%S", time.gmtime(info.eta_seconds)) if info.eta_seconds < 3600 else ">1h"
+        bar = "#" * int(20 * info.step / info.total_steps)
+        line = (
+            f"\r[{bar:<20}] step {info.step}/{info.total_steps}  loss {info.loss:.4f}  "
+            f"{info.tokens_per_second:,.0f} tok/s  ETA {eta}  mem {memory:,.0f} MiB"
+        )
+        if info.val_loss is not None:
+            line += f"  val {info.val_loss:.4f}"
+        print(line, end="", file=sys.stderr, flush=True)
+        self.active = True
+
+    def message(self, text: str) -> None:
+        self.close()
+        print(text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.active:
+            print(file=sys.stderr)
+            self.active = False
+
+
+def _train_summary(result) -> str:
+    mib = 2**20
+    return "\n".join(
+        [
+            f"{result.status}: {result.steps_done} steps of {result.strategy} ({result.strategy_reason})",
+            f"held-out loss {result.val_loss_before:.4f} before, {result.val_loss_after:.4f} after",
+            f"peak memory: planned {result.planned_peak_bytes / mib:,.0f} MiB, "
+            f"measured {result.measured_peak_bytes / mib:,.0f} MiB (tensors)",
+            f"outputs: {result.output_dir}"
+            + (" (load with PeftModel.from_pretrained)" if "adapter" in str(result.output_dir) else ""),
+            f"log, checkpoints and memory report (summary.json, memory.png): {result.run_dir}",
+        ]
+    )
 
 
 def _add_plan(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
