@@ -17,15 +17,19 @@ import torch
 from edgetune.errors import EdgetuneError
 
 RUN_FILE = "run.json"
-OWNED = ("checkpoints", "steps.jsonl", "adapter", "model", "summary.json", "memory.png", RUN_FILE)
+OWNED = ("checkpoints", "steps.jsonl", "events.jsonl", "adapter", "model", "summary.json", "memory.png", RUN_FILE)
 
 
 def run_identity(config, source, strategy) -> dict[str, str]:
     """What a checkpoint must match to be resumed: model, its architecture, strategy and adapter shape."""
     config_file = source.path / "config.json" if source.path.is_dir() else source.path
     architecture = hashlib.sha256(config_file.read_bytes()).hexdigest()[:16]
-    identity = {"model": config.model.name, "architecture": architecture, "strategy": strategy.name,
-                "seq_len": str(config.data.seq_len)}
+    identity = {
+        "model": config.model.name,
+        "architecture": architecture,
+        "strategy": strategy.name,
+        "seq_len": str(config.data.seq_len),
+    }
     if strategy.lora:
         identity["lora"] = f"r={config.lora.rank} alpha={config.lora.alpha} targets={','.join(config.lora.targets)}"
     return identity
@@ -42,8 +46,10 @@ def prepare_run_dir(path: Path, identity: dict[str, str], *, resume: bool, overw
     existing = json.loads(marker.read_text()) if marker.is_file() else None
     if resume:
         if existing is None:
-            raise EdgetuneError(f"{path} is not an edgetune run folder (no {RUN_FILE})",
-                                "pass the output folder of an earlier `edgetune train`, or drop --resume")
+            raise EdgetuneError(
+                f"{path} is not an edgetune run folder (no {RUN_FILE})",
+                "pass the output folder of an earlier `edgetune train`, or drop --resume",
+            )
         _require_same(path, existing.get("identity", {}), identity)
         return path
     if existing is not None and not overwrite:
@@ -52,7 +58,9 @@ def prepare_run_dir(path: Path, identity: dict[str, str], *, resume: bool, overw
             f"{path} already holds {'this' if same else 'a different'} run ({existing['identity']['strategy']} on "
             f"{existing['identity']['model']})",
             "resume it with --resume, set output.dir to a new folder, or set output.overwrite=true to replace it"
-            if same else "set output.dir to a new folder, or output.overwrite=true to replace it")
+            if same
+            else "set output.dir to a new folder, or output.overwrite=true to replace it",
+        )
     if existing is None and path.exists() and any(path.iterdir()):
         raise EdgetuneError(f"{path} is not empty and is not an edgetune run", "set output.dir to a new folder")
     if existing is not None:
@@ -70,7 +78,8 @@ def _require_same(path: Path, found: dict[str, str], identity: dict[str, str]) -
         key = different[0]
         raise EdgetuneError(
             f"{path} holds a run with {key}={found.get(key)!r}, not {identity.get(key)!r}",
-            "resume with the same config, or start a new run in another output.dir")
+            "resume with the same config, or start a new run in another output.dir",
+        )
 
 
 def _ensure_writable(path: Path) -> None:
@@ -99,11 +108,18 @@ def save_result_weights(run_dir: Path, model: torch.nn.Module, strategy, tokeniz
 def write_summary(run_dir: Path, result) -> None:
     """``summary.json`` (plan versus measured, losses, status) and the memory timeline ``memory.png``."""
     summary = {
-        "strategy": result.strategy, "why": result.strategy_reason, "status": result.status,
-        "steps_done": result.steps_done, "skipped_steps": result.skipped_steps,
-        "val_loss_before": result.val_loss_before, "val_loss_after": result.val_loss_after,
-        "output_dir": str(result.output_dir), "planned_peak_bytes": result.planned_peak_bytes,
-        "measured_peak_bytes": result.measured_peak_bytes, "planned_components": result.planned_components,
+        "strategy": result.strategy,
+        "why": result.strategy_reason,
+        "status": result.status,
+        "steps_done": result.steps_done,
+        "skipped_steps": result.skipped_steps,
+        "val_loss_before": result.val_loss_before,
+        "val_loss_after": result.val_loss_after,
+        "output_dir": str(result.output_dir),
+        "planned_peak_bytes": result.planned_peak_bytes,
+        "measured_peak_bytes": result.measured_peak_bytes,
+        "planned_components": result.planned_components,
+        "adaptations": result.adaptations,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot_memory_timeline(run_dir / "steps.jsonl", run_dir / "memory.png", result.planned_peak_bytes)

@@ -24,11 +24,19 @@ from edgetune.config import TrainConfig
 from edgetune.data import batches, load_dataset, pad_token_id
 from edgetune.errors import EdgetuneError
 from edgetune.evaluation import held_out_loss
-from edgetune.loading import load_model, load_tokenizer
+from edgetune.loading import load_tokenizer
 from edgetune.memory import MemoryProbe, current_memory, resident_bytes
 from edgetune.run_dir import prepare_run_dir, run_identity, save_result_weights, write_summary
+from edgetune.session import (
+    Session,
+    budget_guard,
+    build_session,
+    is_out_of_memory,
+    release_memory,
+    shrink,
+)
 from edgetune.sources import resolve_model
-from edgetune.strategies import STRATEGIES, Strategy, ZerothOrder, make_optimizer
+from edgetune.strategies import STRATEGIES, Strategy, ZerothOrder
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +87,7 @@ class TrainResult:
     measured_peak_bytes: int
     planned_components: dict[str, int] = field(default_factory=dict)
     skipped_steps: int = 0
+    adaptations: list[dict] = field(default_factory=list)
     history: list[StepInfo] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, object]:
@@ -96,7 +105,8 @@ def train(
     """Fine-tune as ``config`` says and save the result in ``config.output.dir``.
 
     Raises:
-        EdgetuneError: the model, data, output folder, strategy or checkpoint cannot be used.
+        EdgetuneError: the model, data, output folder, strategy or checkpoint cannot be used, or memory runs out
+            with nothing left to shrink.
     """
     notify = on_event or (lambda message: logger.info(message))
     cancel = cancel or CancelToken()
@@ -109,61 +119,62 @@ def train(
     identity = run_identity(config, source, strategy)
     run_dir = prepare_run_dir(Path(config.output.dir), identity, resume=resume, overwrite=config.output.overwrite)
     (run_dir / "config.yaml").write_text(config.to_yaml())
-    lora = config.lora.to_settings() if strategy.lora else None
-    model = load_model(source, strategy.base, device=device, lora=lora, gradient_checkpointing=strategy.checkpointing)
-    lr = config.train.lr if config.train.lr is not None else strategy.default_lr
-    optimizer = make_optimizer(strategy, model, lr=lr, seed=config.train.seed)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _linear_decay(config.train.steps))
-    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    position = {"epoch": 0, "batch": 0}
-    start, skipped, nonfinite_run = 0, 0, 0
+    schedule = _linear_decay(config.train.steps)
     torch.manual_seed(config.train.seed)
+    session = build_session(
+        config,
+        source,
+        strategy,
+        device,
+        micro_batch=config.train.batch_size,
+        accumulation=config.train.grad_accumulation,
+        schedule=schedule,
+    )
+    start, offset, skipped = 0, {"epoch": 0, "examples": 0}, 0
     if resume:
-        start, position, skipped = _restore(run_dir, identity, trainable, optimizer, scheduler, notify)
+        session, start, offset, skipped = _restore(run_dir, identity, session, config, source, device, schedule, notify)
     pad = pad_token_id(tokenizer)
-    val_before = held_out_loss(model, data.val, config.train.batch_size, pad, device, config.train.eval_batches)
+    stream = _Stream(data.train, session.micro_batch, pad, config.train.seed, offset)
+    val_before = held_out_loss(session.model, data.val, config.train.batch_size, pad, device, config.train.eval_batches)
     notify(f"held-out loss before: {val_before:.4f}")
-    log_path = run_dir / "steps.jsonl"
     history: list[StepInfo] = []
-    resident = resident_bytes(model, optimizer)
-    measured_peak, status = resident, "finished"
-    stream = _batch_stream(data.train, config, pad, position)
+    measured_peak, status, nonfinite_run = 0, "finished", 0
     started, step = time.perf_counter(), start
-    for step in range(start + 1, config.train.steps + 1):
-        if cancel.cancelled:
-            status, step = "cancelled", step - 1
-            break
-        step_started = time.perf_counter()
-        with MemoryProbe(device) as probe:
-            loss, tokens = _one_step(strategy, model, optimizer, stream, config.train.grad_accumulation, device)
+    budget = config.train.budget_bytes
+    while step < config.train.steps and not cancel.cancelled:
+        position, step_started = stream.position(), time.perf_counter()
+        resident = resident_bytes(session.model, session.optimizer)
+        try:
+            with MemoryProbe(device) as probe:
+                loss, tokens = _one_step(session, stream, device, budget_guard(probe, resident, budget))
+        except Exception as error:  # noqa: BLE001 - only out-of-memory errors are handled; the rest re-raise
+            if not is_out_of_memory(error):
+                raise
+            release_memory(session)
+            session = shrink(session, config, source, device, step + 1, str(error) or "CUDA out of memory", schedule)
+            stream = _Stream(data.train, session.micro_batch, pad, config.train.seed, position)
+            with (run_dir / "events.jsonl").open("a") as events:
+                events.write(json.dumps({"event": "out_of_memory"} | session.adaptations[-1]) + "\n")
+            notify(
+                f"out of memory at step {step + 1}; now {session.strategy.name}, micro-batch "
+                f"{session.micro_batch} x {session.accumulation} accumulation ({session.adaptations[-1]})"
+            )
+            continue
+        step += 1
         finite = math.isfinite(loss)
-        skipped += 0 if finite else 1
-        nonfinite_run = 0 if finite else nonfinite_run + 1
-        scheduler.step()
-        measured_peak = max(measured_peak, resident_bytes(model, optimizer) + probe.report.peak_allocated_bytes)
-        seconds = time.perf_counter() - step_started
+        skipped, nonfinite_run = skipped + (not finite), 0 if finite else nonfinite_run + 1
+        session.scheduler.step()
+        measured_peak = max(
+            measured_peak, resident_bytes(session.model, session.optimizer) + probe.report.peak_allocated_bytes
+        )
         val = None
         if step % config.train.eval_every == 0 or step == config.train.steps:
-            val = held_out_loss(model, data.val, config.train.batch_size, pad, device, config.train.eval_batches)
-        info = StepInfo(
-            step=step,
-            total_steps=config.train.steps,
-            loss=loss,
-            lr=scheduler.get_last_lr()[0],
-            tokens_per_second=tokens / seconds,
-            seconds=seconds,
-            eta_seconds=(time.perf_counter() - started) / (step - start) * (config.train.steps - step),
-            memory=current_memory(device)
-            | {
-                "step_peak_bytes": probe.report.peak_allocated_bytes,
-                "resident_bytes": resident,
-                "peak_rss_bytes": probe.report.peak_rss_bytes,
-            },
-            skipped=not finite,
-            val_loss=val,
-        )
+            val = held_out_loss(
+                session.model, data.val, config.train.batch_size, pad, device, config.train.eval_batches
+            )
+        info = _step_info(step, config, loss, session, tokens, step_started, started, start, probe, resident, val)
         history.append(info)
-        with log_path.open("a") as log:
+        with (run_dir / "steps.jsonl").open("a") as log:
             log.write(json.dumps(asdict(info)) + "\n")
         if on_step is not None:
             on_step(info)
@@ -171,14 +182,16 @@ def train(
             status = f"stopped: {nonfinite_run} non-finite losses in a row (lower the learning rate)"
             break
         if step % config.output.checkpoint_every == 0:
-            _checkpoint(run_dir, step, trainable, optimizer, scheduler, stream, skipped, identity, config)
+            _checkpoint(run_dir, step, session, stream, skipped, identity, config)
+    if cancel.cancelled and step < config.train.steps:
+        status = "cancelled"
     if step % config.output.checkpoint_every != 0 or status != "finished":
-        _checkpoint(run_dir, step, trainable, optimizer, scheduler, stream, skipped, identity, config)
-    val_after = held_out_loss(model, data.val, config.train.batch_size, pad, device, config.train.eval_batches)
-    output_dir = save_result_weights(run_dir, model, strategy, tokenizer)
+        _checkpoint(run_dir, step, session, stream, skipped, identity, config)
+    val_after = held_out_loss(session.model, data.val, config.train.batch_size, pad, device, config.train.eval_batches)
+    output_dir = save_result_weights(run_dir, session.model, session.strategy, tokenizer)
     result = TrainResult(
         run_dir=run_dir,
-        strategy=strategy.name,
+        strategy=session.strategy.name,
         strategy_reason=reason,
         steps_done=step,
         status=status,
@@ -189,6 +202,7 @@ def train(
         measured_peak_bytes=measured_peak,
         planned_components={c.name: c.bytes for c in sized.overhead + sized.estimate.components},
         skipped_steps=skipped,
+        adaptations=session.adaptations,
         history=history,
     )
     write_summary(run_dir, result)
@@ -196,22 +210,47 @@ def train(
     return result
 
 
-def _one_step(strategy: Strategy, model, optimizer, stream: "_Stream", accumulation: int, device) -> tuple[float, int]:
+def _step_info(step, config, loss, session, tokens, step_started, started, start, probe, resident, val) -> StepInfo:
+    seconds = time.perf_counter() - step_started
+    return StepInfo(
+        step=step,
+        total_steps=config.train.steps,
+        loss=loss,
+        lr=session.scheduler.get_last_lr()[0],
+        tokens_per_second=tokens / seconds,
+        seconds=seconds,
+        eta_seconds=(time.perf_counter() - started) / (step - start) * (config.train.steps - step),
+        memory=current_memory(probe.report.device)
+        | {
+            "step_peak_bytes": probe.report.peak_allocated_bytes,
+            "resident_bytes": resident,
+            "peak_rss_bytes": probe.report.peak_rss_bytes,
+        },
+        skipped=not math.isfinite(loss),
+        val_loss=val,
+    )
+
+
+def _one_step(session: Session, stream: "_Stream", device, check_memory: Callable[[], None]) -> tuple[float, int]:
     """One optimizer step over ``accumulation`` micro-batches; returns (mean loss, tokens)."""
-    micro = [{k: v.to(device) for k, v in next(stream).items()} for _ in range(accumulation)]
+    micro = [{k: v.to(device) for k, v in next(stream).items()} for _ in range(session.accumulation)]
     tokens = sum(int(b["attention_mask"].sum()) for b in micro)
-    if isinstance(strategy, ZerothOrder):
+    model, optimizer = session.model, session.optimizer
+    if isinstance(session.strategy, ZerothOrder):
 
         def closure() -> torch.Tensor:
             with torch.no_grad():
-                return sum(model(**b).loss for b in micro) / accumulation
+                loss = sum(model(**b).loss for b in micro) / len(micro)
+            check_memory()
+            return loss
 
         return float(optimizer.step(closure)), tokens
     total = 0.0
     for batch in micro:
-        loss = model(**batch).loss / accumulation
+        loss = model(**batch).loss / len(micro)
         loss.backward()
-        total += float(loss)
+        check_memory()
+        total += float(loss.detach())
     if math.isfinite(total):
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -219,63 +258,80 @@ def _one_step(strategy: Strategy, model, optimizer, stream: "_Stream", accumulat
 
 
 class _Stream:
-    """Training batches in a seeded order whose position (epoch, batch) can be saved and restored."""
+    """Training batches in a seeded order; the position counts examples, so it survives a micro-batch change."""
 
-    def __init__(self, examples: list, batch_size: int, pad: int, seed: int, epoch: int, batch: int) -> None:
-        self.examples, self.batch_size, self.pad, self.seed = examples, batch_size, pad, seed
-        self.epoch, self.batch = epoch, batch
+    def __init__(self, examples: list, micro_batch: int, pad: int, seed: int, position: dict[str, int]) -> None:
+        self.examples, self.micro_batch, self.pad, self.seed = examples, micro_batch, pad, seed
+        self.epoch, self.consumed = position["epoch"], position["examples"]
         self._iterator = self._epoch_iterator()
 
     def _epoch_iterator(self) -> Iterator[dict[str, torch.Tensor]]:
+        # The order depends on (seed, epoch) only, so skipping consumed // micro_batch batches lands exactly.
         return batches(
-            self.examples, self.batch_size, self.pad, shuffle=True, seed=self.seed, epoch=self.epoch, start=self.batch
+            self.examples,
+            self.micro_batch,
+            self.pad,
+            shuffle=True,
+            seed=self.seed,
+            epoch=self.epoch,
+            start=self.consumed // self.micro_batch,
         )
 
     def __next__(self) -> dict[str, torch.Tensor]:
         try:
             item = next(self._iterator)
         except StopIteration:
-            self.epoch, self.batch = self.epoch + 1, 0
+            self.epoch, self.consumed = self.epoch + 1, 0
             self._iterator = self._epoch_iterator()
             item = next(self._iterator)
-        self.batch += 1
+        self.consumed += item["input_ids"].shape[0]
         return item
 
     def position(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batch": self.batch}
+        return {"epoch": self.epoch, "examples": self.consumed}
 
 
-def _batch_stream(examples, config: TrainConfig, pad: int, position: dict[str, int]) -> _Stream:
-    return _Stream(examples, config.train.batch_size, pad, config.train.seed, position["epoch"], position["batch"])
-
-
-def _checkpoint(run_dir, step, trainable, optimizer, scheduler, stream, skipped, identity, config) -> None:
-    tensors = {name: p.detach().to("cpu").contiguous() for name, p in trainable.items()}
+def _checkpoint(run_dir, step, session: Session, stream: _Stream, skipped, identity, config) -> None:
+    tensors = {name: p.detach().to("cpu").contiguous() for name, p in session.trainable.items()}
     state = {
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
+        "optimizer": session.optimizer.state_dict(),
+        "scheduler": session.scheduler.state_dict(),
         "rng": capture_rng_state(),
         "data": stream.position(),
         "skipped": skipped,
         "step": step,
+        "session": session.describe(),
     }
     save_checkpoint(run_dir, step, tensors, state, identity=identity, keep=config.output.keep_checkpoints)
 
 
-def _restore(run_dir, identity, trainable, optimizer, scheduler, notify) -> tuple[int, dict[str, int], int]:
+def _restore(run_dir, identity, session: Session, config, source, device, schedule, notify):
     loaded = load_latest_checkpoint(run_dir, identity)
     if loaded is None:
         raise EdgetuneError(
             f"{run_dir} holds no complete checkpoint to resume from", "start the run again without --resume"
         )
+    shape = loaded.state["session"]
+    if shape["strategy"] != session.strategy.name:  # the run had moved down the ladder before it stopped
+        session = build_session(
+            config,
+            source,
+            STRATEGIES[shape["strategy"]],
+            device,
+            micro_batch=shape["micro_batch"],
+            accumulation=shape["accumulation"],
+            schedule=schedule,
+        )
+    session.micro_batch, session.accumulation = shape["micro_batch"], shape["accumulation"]
+    session.adaptations = list(shape["adaptations"])
     with torch.no_grad():
-        for name, parameter in trainable.items():
+        for name, parameter in session.trainable.items():
             parameter.copy_(loaded.tensors[name].to(parameter.device))
-    optimizer.load_state_dict(loaded.state["optimizer"])
-    scheduler.load_state_dict(loaded.state["scheduler"])
+    session.optimizer.load_state_dict(loaded.state["optimizer"])
+    session.scheduler.load_state_dict(loaded.state["scheduler"])
     restore_rng_state(loaded.state["rng"])
     notify(f"resumed from step {loaded.step} ({loaded.path.name})")
-    return loaded.step, loaded.state["data"], loaded.state["skipped"]
+    return session, loaded.step, loaded.state["data"], loaded.state["skipped"]
 
 
 def _choose_strategy(config: TrainConfig, source, device: torch.device) -> tuple[Strategy, str, StrategyPlan]:
