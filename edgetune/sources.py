@@ -87,9 +87,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgetune"
 
 
-def resolve_model(
-    name: str, *, allow_fetch: bool = True, on_event: Callable[[str], None] | None = None
-) -> ModelSource:
+def resolve_model(name: str, *, allow_fetch: bool = True, on_event: Callable[[str], None] | None = None) -> ModelSource:
     """Resolve a model name to a ``ModelSource``, converting the embedded default on first use.
 
     Args:
