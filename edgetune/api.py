@@ -4,6 +4,7 @@ Every function here joins the pure parts of edgetune with the impure edges (hard
 so an application has one import to learn.
 """
 
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -57,7 +58,8 @@ def probe(config: ProbeConfig | None = None, on_event: Callable[[str], None] | N
     Raises:
         EdgetuneError: the model, data or device cannot be used.
     """
-    return run_probe(config or ProbeConfig(), on_event=on_event)
+    with _no_library_progress_bars():
+        return run_probe(config or ProbeConfig(), on_event=on_event)
 
 
 def plan(
@@ -169,4 +171,19 @@ def train(config=None, *, resume: bool = False, on_step=None, on_event=None, can
     from edgetune.config import TrainConfig
     from edgetune.trainer import train as run_training
 
-    return run_training(config or TrainConfig(), resume=resume, on_step=on_step, on_event=on_event, cancel=cancel)
+    with _no_library_progress_bars():
+        return run_training(config or TrainConfig(), resume=resume, on_step=on_step, on_event=on_event, cancel=cancel)
+
+
+@contextlib.contextmanager
+def _no_library_progress_bars():
+    """transformers draws progress bars on stderr while loading and saving; an embedding app shows its own."""
+    from transformers.utils import logging as transformers_logging
+
+    was_enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            transformers_logging.enable_progress_bar()

@@ -118,14 +118,19 @@ def _run_train(args: argparse.Namespace) -> int:
         print(config.to_yaml(), end="")
         return 0
     cancel = CancelToken()
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    for signum in previous:
         # The first signal asks for a checkpoint at the next step boundary; a second one stops at once.
         signal.signal(signum, lambda *_: cancel.cancel() if not cancel.cancelled else _hard_stop())
     progress = _Progress()
-    result = api.train(
-        config, resume=args.resume is not None, on_step=progress.update, on_event=progress.message, cancel=cancel
-    )
-    progress.close()
+    try:
+        result = api.train(
+            config, resume=args.resume is not None, on_step=progress.update, on_event=progress.message, cancel=cancel
+        )
+    finally:
+        progress.close()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2, default=str))
     else:

@@ -42,6 +42,8 @@ def prepare_run_dir(path: Path, identity: dict[str, str], *, resume: bool, overw
         EdgetuneError: the folder is not writable, holds another run, holds this run without ``resume``, or is a
             non-empty folder that edgetune did not create.
     """
+    if path.exists() and not path.is_dir():
+        raise EdgetuneError(f"output folder {path} is a file", "set output.dir to a folder path")
     marker = path / RUN_FILE
     existing = json.loads(marker.read_text()) if marker.is_file() else None
     if resume:
@@ -73,7 +75,9 @@ def prepare_run_dir(path: Path, identity: dict[str, str], *, resume: bool, overw
 
 
 def _require_same(path: Path, found: dict[str, str], identity: dict[str, str]) -> None:
-    different = [key for key in sorted(set(found) | set(identity)) if found.get(key) != identity.get(key)]
+    # The strategy and the model are what people change by mistake; name them first.
+    order = ["strategy", "model", *sorted(set(found) | set(identity))]
+    different = [key for key in dict.fromkeys(order) if found.get(key) != identity.get(key)]
     if different:
         key = different[0]
         raise EdgetuneError(

@@ -118,7 +118,6 @@ def train(
     notify(f"strategy {strategy.name}: {reason}")
     identity = run_identity(config, source, strategy)
     run_dir = prepare_run_dir(Path(config.output.dir), identity, resume=resume, overwrite=config.output.overwrite)
-    (run_dir / "config.yaml").write_text(config.to_yaml())
     schedule = _linear_decay(config.train.steps)
     torch.manual_seed(config.train.seed)
     session = build_session(
@@ -133,6 +132,8 @@ def train(
     start, offset, skipped = 0, {"epoch": 0, "examples": 0}, 0
     if resume:
         session, start, offset, skipped = _restore(run_dir, identity, session, config, source, device, schedule, notify)
+        _truncate_log(run_dir / "steps.jsonl", start)
+    (run_dir / "config.yaml").write_text(config.to_yaml())
     pad = pad_token_id(tokenizer)
     stream = _Stream(data.train, session.micro_batch, pad, config.train.seed, offset)
     val_before = held_out_loss(session.model, data.val, config.train.batch_size, pad, device, config.train.eval_batches)
@@ -163,6 +164,7 @@ def train(
         step += 1
         finite = math.isfinite(loss)
         skipped, nonfinite_run = skipped + (not finite), 0 if finite else nonfinite_run + 1
+        lr = session.scheduler.get_last_lr()[0]  # the rate this step used, before the schedule moves on
         session.scheduler.step()
         measured_peak = max(
             measured_peak, resident_bytes(session.model, session.optimizer) + probe.report.peak_allocated_bytes
@@ -172,7 +174,7 @@ def train(
             val = held_out_loss(
                 session.model, data.val, config.train.batch_size, pad, device, config.train.eval_batches
             )
-        info = _step_info(step, config, loss, session, tokens, step_started, started, start, probe, resident, val)
+        info = _step_info(step, config, loss, lr, tokens, step_started, started, start, probe, resident, val)
         history.append(info)
         with (run_dir / "steps.jsonl").open("a") as log:
             log.write(json.dumps(asdict(info)) + "\n")
@@ -210,13 +212,13 @@ def train(
     return result
 
 
-def _step_info(step, config, loss, session, tokens, step_started, started, start, probe, resident, val) -> StepInfo:
+def _step_info(step, config, loss, lr, tokens, step_started, started, start, probe, resident, val) -> StepInfo:
     seconds = time.perf_counter() - step_started
     return StepInfo(
         step=step,
         total_steps=config.train.steps,
         loss=loss,
-        lr=session.scheduler.get_last_lr()[0],
+        lr=lr,
         tokens_per_second=tokens / seconds,
         seconds=seconds,
         eta_seconds=(time.perf_counter() - started) / (step - start) * (config.train.steps - step),
@@ -244,7 +246,10 @@ def _one_step(session: Session, stream: "_Stream", device, check_memory: Callabl
             check_memory()
             return loss
 
-        return float(optimizer.step(closure)), tokens
+        loss = float(optimizer.step(closure))
+        # HiZOO skips the update when l+, l- or l0 is not finite; count it like a non-finite loss.
+        skipped = bool(getattr(optimizer, "log", None)) and optimizer.log[-1].skipped
+        return (math.nan if skipped else loss), tokens
     total = 0.0
     for batch in micro:
         loss = model(**batch).loss / len(micro)
@@ -263,6 +268,8 @@ class _Stream:
     def __init__(self, examples: list, micro_batch: int, pad: int, seed: int, position: dict[str, int]) -> None:
         self.examples, self.micro_batch, self.pad, self.seed = examples, micro_batch, pad, seed
         self.epoch, self.consumed = position["epoch"], position["examples"]
+        if self.consumed >= len(examples):  # saved right after the epoch's last (partial) batch
+            self.epoch, self.consumed = self.epoch + 1, 0
         self._iterator = self._epoch_iterator()
 
     def _epoch_iterator(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -329,6 +336,10 @@ def _restore(run_dir, identity, session: Session, config, source, device, schedu
             parameter.copy_(loaded.tensors[name].to(parameter.device))
     session.optimizer.load_state_dict(loaded.state["optimizer"])
     session.scheduler.load_state_dict(loaded.state["scheduler"])
+    # The schedule is a function of train.steps, which a resumed run may have extended: recompute the rate.
+    for group, base_lr in zip(session.optimizer.param_groups, session.scheduler.base_lrs, strict=True):
+        group["lr"] = base_lr * schedule(session.scheduler.last_epoch)
+    session.scheduler._last_lr = [group["lr"] for group in session.optimizer.param_groups]
     restore_rng_state(loaded.state["rng"])
     notify(f"resumed from step {loaded.step} ({loaded.path.name})")
     return session, loaded.step, loaded.state["data"], loaded.state["skipped"]
@@ -347,6 +358,11 @@ def _choose_strategy(config: TrainConfig, source, device: torch.device) -> tuple
         budget=budget,
         budget_device="cpu" if device.type == "cpu" else "cuda",
     )
+    if plan.spec.max_positions and config.data.seq_len > plan.spec.max_positions:
+        raise EdgetuneError(
+            f"data.seq_len={config.data.seq_len} is longer than the model's {plan.spec.max_positions} positions",
+            f"set data.seq_len to at most {plan.spec.max_positions}",
+        )
     if config.train.strategy is None:
         if plan.recommended is None:
             levers = "; ".join(lv.change for lv in plan.levers[:2])
@@ -356,12 +372,21 @@ def _choose_strategy(config: TrainConfig, source, device: torch.device) -> tuple
     chosen = config.train.strategy
     sized = plan.plans[chosen]
     if not sized.fits and not config.train.force:
+        usable = max(plan.budget.usable_bytes, 0) / 2**30
         raise EdgetuneError(
-            f"strategy {chosen} needs {sized.total_bytes / 2**30:.2f} GiB but {plan.budget.usable_bytes / 2**30:.2f} "
-            f"GiB is usable ({plan.budget.source})",
+            f"strategy {chosen} needs {sized.total_bytes / 2**30:.2f} GiB but {usable:.2f} GiB is usable "
+            f"after the safety margin ({plan.budget.source})",
             f"pick {plan.recommended or 'a smaller setting'} or pass train.force=true to try anyway",
         )
     return STRATEGIES[chosen], "chosen in the config", sized
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines of steps after the checkpoint a run resumes from; they will be run again."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))
 
 
 def _linear_decay(total_steps: int) -> Callable[[int], float]:
