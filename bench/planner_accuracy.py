@@ -128,40 +128,26 @@ PUBLISHED = [
         round(16.2 * GIB),
     ),
 ]
-for precision, base, dq, value in [
-    ("bf16", "bf16", True, 21.30),
-    ("nf4", "nf4", False, 14.14),
-    ("nf4-dq", "nf4", True, 13.84),
-]:
-    PUBLISHED.append(
-        Published(
-            "litgpt resource tables (A100)",
-            "Llama-2-7B",
-            f"LoRA r=8 q,v, {precision}, 1 x 1304",
-            lora("lora", base, checkpointing=False),
-            RunShape(1, 1304, 8, ("q_proj", "v_proj")),
-            replace(LITGPT, double_quant=dq),
-            "allocated",
-            round(value * GB),
+LITGPT_TABLE = {  # GB reported for bf16 / nf4 / nf4-dq
+    "Llama-2-7B": (21.30, 14.14, 13.84),
+    "Llama-2-13B": (38.12, 23.14, 22.55),
+}
+for model, values in LITGPT_TABLE.items():
+    for (precision, base, dq), value in zip(
+        [("bf16", "bf16", True), ("nf4", "nf4", False), ("nf4-dq", "nf4", True)], values, strict=True
+    ):
+        PUBLISHED.append(
+            Published(
+                "litgpt resource tables (A100)",
+                model,
+                f"LoRA r=8 q,v, {precision}, 1 x 1304",
+                lora("lora", base, checkpointing=False),
+                RunShape(1, 1304, 8, ("q_proj", "v_proj")),
+                replace(LITGPT, double_quant=dq),
+                "allocated",
+                round(value * GB),
+            )
         )
-    )
-for precision, base, dq, value in [
-    ("bf16", "bf16", True, 38.12),
-    ("nf4", "nf4", False, 23.14),
-    ("nf4-dq", "nf4", True, 22.55),
-]:
-    PUBLISHED.append(
-        Published(
-            "litgpt resource tables (A100)",
-            "Llama-2-13B",
-            f"LoRA r=8 q,v, {precision}, 1 x 1304",
-            lora("lora", base, checkpointing=False),
-            RunShape(1, 1304, 8, ("q_proj", "v_proj")),
-            replace(LITGPT, double_quant=dq),
-            "allocated",
-            round(value * GB),
-        )
-    )
 for gib, tokens in [(12, 932), (16, 2551), (24, 5789), (40, 12264), (80, 28454)]:
     PUBLISHED.append(
         Published(

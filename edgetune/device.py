@@ -17,6 +17,7 @@ from typing import Any, Literal
 import psutil
 
 from edgetune.errors import EdgetuneError
+from edgetune.tables import render_table
 
 logger = logging.getLogger(__name__)
 
@@ -313,14 +314,4 @@ def format_devices_table(devices: list[DeviceInfo]) -> str:
         sizes = [f"{size / _GIB:.2f}" for size in (device.total_bytes, device.free_bytes, device.used_bytes)]
         index = "cpu" if device.index < 0 else str(device.index)
         rows.append((index, device.name, *sizes, "yes" if device.unified else "no", device.source))
-    return _render(header, rows, numeric={2, 3, 4})
-
-
-def _render(header: tuple[str, ...], rows: list[tuple[str, ...]], numeric: set[int]) -> str:
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    lines = []
-    for row in [header, *rows]:
-        pairs = enumerate(zip(row, widths, strict=True))
-        cells = [cell.rjust(width) if i in numeric else cell.ljust(width) for i, (cell, width) in pairs]
-        lines.append("  ".join(cells).rstrip())
-    return "\n".join(lines)
+    return render_table(header, rows, numeric={2, 3, 4})

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from edgetune.errors import EdgetuneError
+from edgetune.tables import render_table
 
 _GIB = 1024**3
 _KEY_PATTERN = re.compile(r"[a-z0-9][a-z0-9-]*")
@@ -230,11 +231,4 @@ def format_profiles_table(profiles: list[DeviceProfile]) -> str:
         )
         for profile in profiles
     ]
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    numeric = {2, 4, 5, 7}
-    lines = []
-    for row in [header, *rows]:
-        pairs = enumerate(zip(row, widths, strict=True))
-        cells = [cell.rjust(width) if i in numeric else cell.ljust(width) for i, (cell, width) in pairs]
-        lines.append("  ".join(cells).rstrip())
-    return "\n".join(lines)
+    return render_table(header, rows, numeric={2, 4, 5, 7})
