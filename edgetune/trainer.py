@@ -227,7 +227,9 @@ def _step_info(step, config, loss, lr, tokens, step_started, started, start, pro
             "step_peak_bytes": probe.report.peak_allocated_bytes,
             "resident_bytes": resident,
             "peak_rss_bytes": probe.report.peak_rss_bytes,
-        },
+        }
+        # On CUDA NVML's view of the device too: it includes the context and other processes.
+        | ({"nvml_used_bytes": probe.report.nvml_used_bytes} if probe.report.nvml_used_bytes is not None else {}),
         skipped=not math.isfinite(loss),
         val_loss=val,
     )
