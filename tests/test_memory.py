@@ -173,8 +173,8 @@ def test_nested_probe_does_not_erase_outer_peak_rss():
             del big
             with MemoryProbe("cpu") as inner:
                 pass
-        grew = {name: p.report.peak_rss_bytes - p.report.start_rss_bytes for name, p in [("outer", outer), ("inner", inner)]}
-        print(json.dumps(grew))
+        probes = {"outer": outer.report, "inner": inner.report}
+        print(json.dumps({name: r.peak_rss_bytes - r.start_rss_bytes for name, r in probes.items()}))
     """)
     assert result["outer"] >= 0.95 * 100 * MB
     assert result["inner"] < 50 * MB
