@@ -19,17 +19,27 @@ H at ``hessian_min`` instead. MeZO drops l0 and H: two forwards, theta <- theta 
 Restoring theta. Without a copy of theta no in-place scheme can undo round(theta + d) for every float: it maps the
 many floats near 0 onto the few near d (pigeonhole). We keep no copy and invert exactly where an inverse exists:
 round(s - d) gives theta back whenever theta +- d crosses no power of two (the float spacing stays the same), and 0 is
-restored whenever 0 also maps to s, so zero-initialised weights (LoRA B, biases) come back bit-exact. Other coordinates
-come back within one ulp of |theta| + |d|: about 8% of N(0, 0.02) weights per step at eps = 1e-3, against 46% for the
+restored whenever 0 also maps to s, so zero-initialised weights (LoRA B, biases) come back bit-exact. That check costs
+two passes, so it runs only on chunks that held a zero at theta (read in the step's first sweep); elsewhere the rare
+tiny theta that also maps to s comes back as round(s - d), within the bound that follows. Other coordinates come
+back within one ulp of |theta| + |d|: about 8% of N(0, 0.02) weights per step at eps = 1e-3, against 46% for the
 reference's +d, -2d, +d. Every sweep is deterministic, so the step log replays a run bit for bit.
+
+Speed. Drawing z dominates a full-parameter step on CPU (torch's normal_ runs on one thread per generator), so the
+chunks of a sweep are shared by ``workers`` threads, each with its own generator and work buffer; z depends only on
+(step seed, tensor index, chunk), so the result is bit-identical for any number of workers.
 """
 
+import itertools
 import logging
 import math
+import threading
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 
@@ -39,6 +49,10 @@ logger = logging.getLogger(__name__)
 
 CPU_CHUNK_NUMEL = 1 << 18  # 1 MiB of fp32 per buffer slot: a chunk's element-wise ops stay in cache
 GPU_CHUNK_NUMEL = 1 << 22  # larger chunks amortise the ~12 kernel launches per chunk and sweep
+# torch's CPU normal_ is single-threaded per generator and bounds a full-parameter step, so chunks are filled on
+# several threads; the cap keeps the per-worker buffers small and the Python between the ops (one GIL) off the
+# critical path.
+MAX_DEFAULT_WORKERS = 8
 _MASK64 = (1 << 64) - 1
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -95,18 +109,19 @@ def state_bytes(num_params: int, hessian: bool) -> int:
     return 4 * num_params if hessian else 0
 
 
-def buffer_bytes(largest_numel: int, hessian: bool, chunk_numel: int) -> int:
-    """The one reusable work buffer per device: z, z/sqrt(H) (HiZOO only), a rounding slot and a mask per element.
+def buffer_bytes(largest_numel: int, hessian: bool, chunk_numel: int, workers: int = 1) -> int:
+    """The reusable work buffers per device, one per worker: z, z/sqrt(H) (HiZOO only), a rounding slot and a mask.
 
     Args:
         largest_numel: elements of the largest trainable tensor on the device.
         hessian: True for HiZOO, False for MeZO.
         chunk_numel: the optimizer's ``chunk_numel`` (``CPU_CHUNK_NUMEL`` or ``GPU_CHUNK_NUMEL`` by default).
+        workers: the optimizer's ``workers``.
 
     Returns:
-        Bytes of the buffer: 13 per chunk element with the Hessian, 9 without.
+        Bytes of the buffers: per worker, 13 per chunk element with the Hessian, 9 without.
     """
-    return min(largest_numel, chunk_numel) * (13 if hessian else 9)
+    return workers * min(largest_numel, chunk_numel) * (13 if hessian else 9)
 
 
 def _check(ok: bool, name: str, value: object, rule: str) -> None:
@@ -127,9 +142,13 @@ class HiZOO(torch.optim.Optimizer):
         hessian_estimator: "released" (the published code) or "unbiased" (the paper's z^2 - 1 form, no abs).
         hessian_min: floor on H, so that 1 / sqrt(H) stays finite.
         seed: base seed; step t draws z from a seed hashed from (seed, t).
-        chunk_numel: elements per chunk; the work buffer holds one (``buffer_bytes``). Default: ``GPU_CHUNK_NUMEL``
+        chunk_numel: elements per chunk; each work buffer holds one (``buffer_bytes``). Default: ``GPU_CHUNK_NUMEL``
             if any parameter is off the CPU, else ``CPU_CHUNK_NUMEL``. z depends on it, so keep it to resume.
         log_size: how many recent ``ZOStepRecord`` ``self.log`` keeps.
+        workers: threads that draw and apply chunks concurrently, each with its own generator and work buffer.
+            Default: ``min(torch.get_num_threads(), MAX_DEFAULT_WORKERS)`` on CPU, 1 otherwise. Results do not
+            depend on it (every chunk has its own seed), so it may change between runs. With more than one, torch's
+            intra-op thread count is 1 during each sweep (restored after it); ``close()`` ends the threads.
 
     Raises:
         ValueError: a hyperparameter is out of range, or a trainable parameter is not fp32/bf16/fp16 or not contiguous.
@@ -148,6 +167,7 @@ class HiZOO(torch.optim.Optimizer):
         seed: int = 0,
         chunk_numel: int | None = None,
         log_size: int = 1000,
+        workers: int | None = None,
     ) -> None:
         _check(math.isfinite(eps) and eps > 0, "eps", eps, "use a positive perturbation scale such as 1e-3")
         estimators = ("released", "unbiased")
@@ -157,13 +177,19 @@ class HiZOO(torch.optim.Optimizer):
         chunk_ok = chunk_numel is None or (isinstance(chunk_numel, int) and chunk_numel > 0)
         _check(chunk_ok, "chunk_numel", chunk_numel, "use an int > 0, or None for the device default")
         _check(isinstance(log_size, int) and log_size >= 0, "log_size", log_size, "use an int >= 0")
+        workers_ok = workers is None or (isinstance(workers, int) and workers > 0)
+        _check(workers_ok, "workers", workers, "use an int > 0, or None for the device default")
         self.eps, self.hessian, self.hessian_estimator = eps, hessian, hessian_estimator
         self.hessian_min = hessian_min
         self.log: deque[ZOStepRecord] = deque(maxlen=log_size)
-        self._work: dict[torch.device, tuple[torch.Generator, torch.Tensor]] = {}
+        self._work: dict[torch.device, list[tuple[torch.Generator, torch.Tensor]]] = {}
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_size = 0
+        self._zero_chunks: set[tuple[int, int]] = set()
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, hessian_smooth=hessian_smooth))
         on_cpu = all(p.device.type == "cpu" for g in self.param_groups for p in g["params"])
         self.chunk_numel = chunk_numel or (CPU_CHUNK_NUMEL if on_cpu else GPU_CHUNK_NUMEL)
+        self.workers = workers or (min(torch.get_num_threads(), MAX_DEFAULT_WORKERS) if on_cpu else 1)
         self.state.update(step=0, skipped_steps=0, base_seed=seed, chunk_numel=self.chunk_numel, hessian=hessian)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -283,48 +309,105 @@ class HiZOO(torch.optim.Optimizer):
         self.log.append(record)
         return value
 
+    def close(self) -> None:
+        """End the worker threads; a later step starts them again (they also end with the optimizer)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
     def _sweep(self, seed: int, recover: int, perturb: int, update: ZOStepRecord | None = None) -> None:
         """One pass over the trainable tensors, chunk by chunk, regenerating z from (seed, tensor index, chunk)."""
-        index = -1
+        jobs = self._jobs(seed, update)
+        if recover == 0:
+            self._zero_chunks.clear()  # refilled from theta itself by this, the step's first, sweep
+        slots = self._slots_for(jobs)
+        self._run(jobs, lambda job, worker: self._chunk(job, slots[job.flat.device][worker], (recover, perturb)))
+
+    def _jobs(self, seed: int, update: ZOStepRecord | None) -> list["_Job"]:
+        jobs, index = [], -1
         for group_index, group in enumerate(self.param_groups):
+            step = None if update is None or update.skipped else (update, update.lrs[group_index], group)
             for p in group["params"]:
                 index += 1
                 if not p.requires_grad or p.numel() == 0:
                     continue
-                flat, size = p.view(-1), min(self.chunk_numel, p.numel())
-                generator, buffer = self._buffer(p.device, size)
                 if self.hessian and "hessian" not in self.state[p]:
                     self.state[p]["hessian"] = torch.ones(p.shape, dtype=torch.float32, device=p.device)
-                hess = self.state[p]["hessian"].view(-1) if self.hessian else None
-                for chunk, start in enumerate(range(0, flat.numel(), size)):
-                    n = min(size, flat.numel() - start)
-                    generator.manual_seed(_mix(seed, index, chunk))
-                    slots = _slots(buffer, size, n, p.dtype, self.hessian)
-                    slots[0].normal_(generator=generator)
-                    h = None if hess is None else hess[start : start + n]
-                    step = None if update is None or update.skipped else (update, update.lrs[group_index], group)
-                    self._chunk(flat[start : start + n], h, slots, (recover, perturb), step)
+                flat, hess = p.view(-1), self.state[p]["hessian"].view(-1) if self.hessian else None
+                for chunk, start in enumerate(range(0, flat.numel(), self.chunk_numel)):
+                    part = slice(start, start + self.chunk_numel)
+                    h = None if hess is None else hess[part]
+                    jobs.append(_Job(flat[part], h, _mix(seed, index, chunk), (index, chunk), step))
+        return jobs
 
-    def _chunk(
-        self,
-        p: torch.Tensor,
-        h: torch.Tensor | None,
-        slots: tuple[torch.Tensor, ...],
-        signs: tuple[int, int],
-        update: tuple[ZOStepRecord, float, dict[str, Any]] | None,
-    ) -> None:
-        (z, t, rounded, mask), (recover, perturb) = slots, signs
+    def _slots_for(self, jobs: list["_Job"]) -> dict[torch.device, list[tuple[torch.Generator, torch.Tensor]]]:
+        """One generator and byte buffer per worker and device, sized by ``buffer_bytes``: never model-sized."""
+        largest: dict[torch.device, int] = {}
+        for job in jobs:
+            largest[job.flat.device] = max(largest.get(job.flat.device, 0), job.flat.numel())
+        for device, numel in largest.items():
+            nbytes, slots = buffer_bytes(numel, self.hessian, self.chunk_numel), self._work.get(device, [])
+            if len(slots) != self.workers or slots[0][1].numel() < nbytes:
+                self._work[device] = [_new_slot(device, nbytes) for _ in range(self.workers)]
+        return self._work
+
+    def _run(self, jobs: list["_Job"], apply: Callable[["_Job", int], None]) -> None:
+        """Apply every job; up to ``workers`` threads (this one included) each take the next job in turn."""
+        workers, order, failed = min(self.workers, len(jobs)), itertools.count(), threading.Event()
+
+        @torch.no_grad()  # grad mode is per thread
+        def drain(worker: int) -> None:
+            for i in order:  # next() on a count is atomic under the GIL
+                if i >= len(jobs) or failed.is_set():
+                    return
+                try:
+                    apply(jobs[i], worker)
+                except BaseException:
+                    failed.set()
+                    raise
+
+        futures, threads = [], torch.get_num_threads()
+        try:
+            if workers > 1:
+                # The workers are the parallelism: each one's ops also forking an OpenMP team oversubscribes the
+                # cores, and a team waiting on a preempted thread (a busy machine) turns microseconds into ms.
+                torch.set_num_threads(1)
+                futures = [self._executor().submit(drain, worker) for worker in range(1, workers)]
+            drain(0)
+        finally:
+            errors = [future.exception() for future in futures]  # waits: no worker may outlive the sweep
+            torch.set_num_threads(threads)
+        for error in errors:
+            if error is not None:
+                raise error
+
+    def _executor(self) -> ThreadPoolExecutor:
+        if self._pool is None or self._pool_size != self.workers - 1:
+            self.close()
+            self._pool, self._pool_size = ThreadPoolExecutor(self.workers - 1, "edgetune-zo"), self.workers - 1
+            weakref.finalize(self, self._pool.shutdown, wait=False)  # holds the pool, not the optimizer
+        return self._pool
+
+    def _chunk(self, job: "_Job", slot: tuple[torch.Generator, torch.Tensor], signs: tuple[int, int]) -> None:
+        (generator, buffer), p, h, (recover, perturb) = slot, job.flat, job.hess, signs
+        z, t, rounded, mask = _slots(buffer, p.numel(), p.dtype, self.hessian)
+        if recover == 0 and perturb and _has_zero(p, rounded):
+            self._zero_chunks.add(job.key)
+        generator.manual_seed(job.seed)
+        z.normal_(generator=generator)
         t = z if h is None else torch.rsqrt(h, out=t).mul_(z)
-        if recover:
+        if recover and job.key in self._zero_chunks:
             # round(s - d) is the only preimage of s unless s crossed into a larger binade; 0 wins whenever it maps to
             # s too. d comes from the same alpha-form add as the perturbation, so both see the same rounding.
             torch.eq(p, torch.mul(t, recover * self.eps, out=rounded), out=mask)
             p.add_(t, alpha=-recover * self.eps).masked_fill_(mask, 0.0)
+        elif recover:
+            p.add_(t, alpha=-recover * self.eps)
         if perturb:
             p.add_(t, alpha=perturb * self.eps)
-        if update is None:
+        if job.update is None:
             return
-        record, lr, group = update
+        record, lr, group = job.update
         alpha, unbiased = group["hessian_smooth"], self.hessian_estimator == "unbiased"
         if h is not None and alpha > 0:
             scale = alpha * (record.curvature if unbiased else abs(record.curvature))
@@ -336,12 +419,15 @@ class HiZOO(torch.optim.Optimizer):
         if lr * record.projected_grad != 0:
             p.add_(t, alpha=-lr * record.projected_grad)
 
-    def _buffer(self, device: torch.device, size: int) -> tuple[torch.Generator, torch.Tensor]:
-        nbytes = buffer_bytes(size, self.hessian, self.chunk_numel)
-        if device not in self._work or self._work[device][1].numel() < nbytes:
-            # Grows to the largest chunk seen, i.e. buffer_bytes(largest trainable tensor): never model-sized.
-            self._work[device] = (torch.Generator(device=device), torch.empty(nbytes, dtype=torch.uint8, device=device))
-        return self._work[device]
+
+class _Job(NamedTuple):
+    """One chunk of one trainable tensor: its view, its Hessian view, its z seed, its (tensor, chunk) key."""
+
+    flat: torch.Tensor
+    hess: torch.Tensor | None
+    seed: int
+    key: tuple[int, int]
+    update: tuple[ZOStepRecord, float, dict[str, Any]] | None
 
 
 def _evaluate(closure: Callable[[], Any]) -> tuple[Any, float]:
@@ -355,13 +441,24 @@ def _evaluate(closure: Callable[[], Any]) -> tuple[Any, float]:
     return loss, float(loss)
 
 
-def _slots(buffer: torch.Tensor, size: int, n: int, dtype: torch.dtype, hessian: bool) -> tuple[torch.Tensor, ...]:
+def _slots(buffer: torch.Tensor, n: int, dtype: torch.dtype, hessian: bool) -> tuple[torch.Tensor, ...]:
     """Views of n elements into the byte buffer: z, z/sqrt(H) (MeZO: z again), d in the parameter dtype, a mask."""
+    size = buffer.numel() // (13 if hessian else 9)
     t_at, r_at = (4 * size, 8 * size) if hessian else (0, 4 * size)
     z = buffer[: 4 * size].view(torch.float32)[:n]
     t = buffer[t_at : t_at + 4 * size].view(torch.float32)[:n]
     rounded = buffer[r_at : r_at + 4 * size].view(dtype)[:n]
     return z, t, rounded, buffer[r_at + 4 * size : r_at + 5 * size].view(torch.bool)[:n]
+
+
+def _new_slot(device: torch.device, nbytes: int) -> tuple[torch.Generator, torch.Tensor]:
+    return torch.Generator(device=device), torch.empty(nbytes, dtype=torch.uint8, device=device)
+
+
+def _has_zero(x: torch.Tensor, scratch: torch.Tensor) -> bool:
+    """Whether x holds a +0 or -0, read as integers without the sign bit: on CPU a third of the cost of abs or == 0."""
+    ints, magnitude = (torch.int16, 0x7FFF) if x.element_size() == 2 else (torch.int32, 0x7FFFFFFF)
+    return bool(torch.bitwise_and(x.view(ints), magnitude, out=scratch.view(ints)).amin() == 0)
 
 
 def MeZO(params: Iterable[Any], **kwargs: Any) -> HiZOO:

@@ -1,5 +1,6 @@
 import io
 import math
+import time
 
 import pytest
 import torch
@@ -28,7 +29,8 @@ def exact_regime_params(dtype: torch.dtype) -> list[torch.nn.Parameter]:
     """Values whose perturbations stay in their binade ([1, 2)) and zeros: where restore can be exact."""
     g = torch.Generator().manual_seed(3)
     inside = torch.nn.Parameter((torch.rand(3000, generator=g) * 0.5 + 1.25).to(dtype))
-    return [inside, torch.nn.Parameter(torch.zeros(40, 50, dtype=dtype))]
+    mixed = (torch.rand(1500, generator=g) * 0.5 + 1.25) * (torch.rand(1500, generator=g) > 0.3)  # zeros in chunks
+    return [inside, torch.nn.Parameter(torch.zeros(40, 50, dtype=dtype)), torch.nn.Parameter(mixed.to(dtype))]
 
 
 def quad_loss(params: list[torch.Tensor]) -> torch.Tensor:
@@ -112,12 +114,16 @@ def test_z_depends_only_on_step_tensor_and_chunk():
 
 
 @pytest.mark.parametrize("hessian", [True, False])
-def test_work_buffer_is_one_chunk_not_model_sized(hessian):
+@pytest.mark.parametrize("workers", [1, 3])
+def test_work_buffer_is_one_chunk_per_worker_not_model_sized(hessian, workers):
     params = [torch.nn.Parameter(torch.zeros(1000)), torch.nn.Parameter(torch.zeros(30))]
-    opt = HiZOO(params, lr=1e-3, hessian=hessian, chunk_numel=256)
+    opt = HiZOO(params, lr=1e-3, hessian=hessian, chunk_numel=256, workers=workers)
     opt.step(lambda: quad_loss(params))
-    ((generator, buffer),) = opt._work.values()
-    assert buffer.numel() == buffer_bytes(1000, hessian, 256) == 256 * (13 if hessian else 9)
+    (slots,) = opt._work.values()
+    assert len(slots) == workers and len({id(generator) for generator, _ in slots}) == workers
+    assert sum(buffer.numel() for _, buffer in slots) == buffer_bytes(1000, hessian, 256, workers)
+    assert buffer_bytes(1000, hessian, 256, workers) == workers * 256 * (13 if hessian else 9)
+    opt.close()
 
 
 def test_state_and_buffer_bytes_are_pure_formulas():
@@ -125,6 +131,72 @@ def test_state_and_buffer_bytes_are_pure_formulas():
     assert state_bytes(1_000_000, hessian=False) == 0
     assert buffer_bytes(10, hessian=True, chunk_numel=1 << 18) == 130
     assert buffer_bytes(10**9, hessian=False, chunk_numel=1 << 18) == 9 << 18
+    assert buffer_bytes(10**9, hessian=True, chunk_numel=1 << 18, workers=2) == 26 << 18
+
+
+# --- worker threads ---------------------------------------------------------------------------------------------
+
+
+def zero_and_general_params(dtype: torch.dtype) -> list[torch.nn.Parameter]:
+    g = torch.Generator().manual_seed(8)
+    general = torch.nn.Parameter((torch.randn(5000, generator=g) * 0.02).to(dtype))
+    some_zeros = torch.nn.Parameter((torch.randn(900, generator=g) * (torch.rand(900, generator=g) > 0.5)).to(dtype))
+    return [general, some_zeros, torch.nn.Parameter(torch.zeros(37, dtype=dtype))]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hessian", [True, False])
+def test_result_is_bit_identical_for_any_worker_count(dtype, hessian):
+    """Every chunk draws z from its own seed, so the threads that run the chunks do not matter."""
+
+    def run(workers):
+        params = zero_and_general_params(dtype)
+        opt = HiZOO(params, lr=1e-2, hessian=hessian, hessian_smooth=1e-2, chunk_numel=128, workers=workers)
+        for _ in range(3):
+            opt.step(lambda: quad_loss(params))
+        opt.close()
+        return params, [opt.state[p].get("hessian") for p in params]
+
+    (one, h_one), (four, h_four) = run(1), run(4)
+    assert all(same_bits(a, b) for a, b in zip(one, four, strict=True))
+    if hessian:
+        assert all(torch.equal(a, b) for a, b in zip(h_one, h_four, strict=True))
+    assert not same_bits(zero_and_general_params(dtype)[0], one[0])  # the steps moved the weights
+
+
+def test_workers_stay_out_of_state_dict_and_restore_thread_count():
+    params = zero_and_general_params(torch.float32)
+    threads = torch.get_num_threads()
+    opt = HiZOO(params, lr=1e-2, chunk_numel=128, workers=3)
+    opt.step(lambda: quad_loss(params))
+    assert torch.get_num_threads() == threads and opt._pool is not None
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)  # a thread pool could not be pickled
+    opt.close()
+    assert opt._pool is None
+    opt.step(lambda: quad_loss(params))  # the threads come back on demand
+    opt.close()
+
+
+def test_a_failing_chunk_raises_after_every_worker_stopped():
+    params = zero_and_general_params(torch.float32)
+    opt = HiZOO(params, lr=1e-2, hessian=False, chunk_numel=64, workers=3)
+    chunk, seen = opt._chunk, []
+
+    def failing(job, slot, signs):
+        seen.append(job.key)
+        if job.key == (0, 5):
+            raise RuntimeError("chunk failed")
+        chunk(job, slot, signs)
+
+    opt._chunk = failing
+    with pytest.raises(RuntimeError, match="chunk failed"):
+        opt.step(lambda: quad_loss(params))
+    count = len(seen)
+    assert count < len(range(0, 5000, 64)) + len(range(0, 900, 64)) + 1  # the others stopped early
+    time.sleep(0.05)
+    assert len(seen) == count  # and none was still running when step() raised
+    opt.close()
 
 
 # --- the update rule against its formula ------------------------------------------------------------------------
@@ -297,6 +369,8 @@ def test_closure_errors_raise_and_leave_parameters_restored(hessian):
         dict(chunk_numel=0),
         dict(chunk_numel=2.5),
         dict(log_size=-1),
+        dict(workers=0),
+        dict(workers=1.5),
     ],
 )
 def test_invalid_hyperparameters_raise_value_error(kwargs):
