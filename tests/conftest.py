@@ -88,3 +88,19 @@ def tiny_trainable_dir(tmp_path_factory):
     LlamaForCausalLM(tiny_llama_config(vocab_size=len(tokenizer))).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def tiny_train_overrides(model_dir, text, run_dir, steps, *extra) -> list[str]:
+    """Config overrides for a seconds-long `edgetune train` of the tiny model on a small text."""
+    return [
+        f"model.name={model_dir}",
+        f"data.path={text}",
+        "data.seq_len=32",
+        "train.batch_size=2",
+        f"train.steps={steps}",
+        "train.eval_batches=1",
+        "train.device=cpu",
+        "train.budget=8GiB",
+        f"output.dir={run_dir}",
+        *extra,
+    ]

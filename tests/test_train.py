@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_train_overrides
 
 from edgetune import CancelToken, api, cli
 from edgetune.checkpoint import list_checkpoints, load_latest_checkpoint
@@ -39,18 +40,7 @@ def write_text(path: Path, lines: int = 9) -> Path:
 
 
 def config(model_dir, text, run_dir, *extra):
-    overrides = [
-        f"model.name={model_dir}",
-        f"data.path={text}",
-        "data.seq_len=32",
-        "train.batch_size=2",
-        f"train.steps={STEPS}",
-        "train.eval_batches=1",
-        "train.device=cpu",
-        "train.budget=8GiB",
-        f"output.dir={run_dir}",
-    ]
-    return api.train_config(None, [*overrides, *extra])
+    return api.train_config(None, tiny_train_overrides(model_dir, text, run_dir, STEPS, *extra))
 
 
 @pytest.fixture(scope="module", autouse=True)

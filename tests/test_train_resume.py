@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_train_overrides
 
 from edgetune import CancelToken, api, checkpoint, cli
 from edgetune.checkpoint import list_checkpoints, load_latest_checkpoint
@@ -43,18 +44,7 @@ def one_thread():
 
 
 def overrides(model_dir, text, run_dir, *extra):
-    return [
-        f"model.name={model_dir}",
-        f"data.path={text}",
-        "data.seq_len=32",
-        "train.batch_size=2",
-        f"train.steps={STEPS}",
-        "train.eval_batches=1",
-        "train.device=cpu",
-        "train.budget=8GiB",
-        f"output.dir={run_dir}",
-        *extra,
-    ]
+    return tiny_train_overrides(model_dir, text, run_dir, STEPS, *extra)
 
 
 def train(model_dir, text, run_dir, *extra, **kwargs):
