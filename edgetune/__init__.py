@@ -5,7 +5,17 @@ Importing edgetune loads nothing heavy and touches no GPU; the API functions imp
 
 __version__ = "0.1.0"
 
-_API = ("device_profile", "device_profiles", "devices", "model_source", "plan", "probe", "train", "train_config")
+_API = (
+    "device_profile",
+    "device_profiles",
+    "devices",
+    "export",
+    "model_source",
+    "plan",
+    "probe",
+    "train",
+    "train_config",
+)
 _TRAINER = ("CancelToken", "StepInfo", "TrainResult")
 __all__ = ["EdgetuneError", "__version__", *_API, *_TRAINER]
 

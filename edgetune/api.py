@@ -187,3 +187,34 @@ def _no_library_progress_bars():
     finally:
         if was_enabled:
             transformers_logging.enable_progress_bar()
+
+
+def export(
+    run_dir: str | Path,
+    *,
+    merged_dir: str | Path | None = None,
+    onnx_path: str | Path | None = None,
+    dtype: str = "bf16",
+    overwrite: bool = False,
+    external_data: bool | None = None,
+    on_event: Callable[[str], None] | None = None,
+):
+    """Export a finished run as a merged Hugging Face folder and/or a verified ONNX file.
+
+    See ``edgetune.export.export`` for the arguments; returns an ``ExportResult`` with every check's figures.
+
+    Raises:
+        EdgetuneError: a bad run folder or output path, an unsupported model type, or a failed numeric check.
+    """
+    from edgetune.export import export as run_export
+
+    with _no_library_progress_bars():
+        return run_export(
+            run_dir,
+            merged_dir=merged_dir,
+            onnx_path=onnx_path,
+            dtype=dtype,
+            overwrite=overwrite,
+            external_data=external_data,
+            on_event=on_event,
+        )

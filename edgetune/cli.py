@@ -51,6 +51,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_train(commands, common)
     _add_plan(commands, common)
     _add_probe(commands, common)
+    _add_export(commands, common)
     return parser
 
 
@@ -285,6 +286,65 @@ def _run_probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_export(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    sub = commands.add_parser(
+        "export",
+        parents=[common],
+        help="merge a run's adapters into a 16-bit model folder and/or export an ONNX file checked by onnxruntime",
+        description="Merge the adapters of an `edgetune train` run into a dequantized copy of the base they were "
+        "trained on and save a Hugging Face folder (--merged), and/or export that model to ONNX and check it "
+        "against torch with onnxruntime (--onnx). Each output is checked numerically before it is written.",
+    )
+    sub.add_argument("run_dir", metavar="RUN_DIR", help="the output folder of `edgetune train`")
+    sub.add_argument("--merged", metavar="OUT_DIR", help="write the merged model here (safetensors, config, tokenizer)")
+    sub.add_argument("--onnx", metavar="OUT.onnx", help="write an ONNX graph (input ids, attention mask -> logits)")
+    sub.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="merged weights (default bf16)")
+    sub.add_argument("--external-data", action="store_true", help="ONNX weights in OUT.onnx.data (automatic >1.5 GiB)")
+    sub.add_argument("--overwrite", action="store_true", help="replace existing outputs once the new ones pass")
+    sub.add_argument("--json", action="store_true", help="print the result as JSON")
+    sub.set_defaults(handler=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from edgetune import api
+
+    result = api.export(
+        args.run_dir,
+        merged_dir=args.merged,
+        onnx_path=args.onnx,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+        external_data=True if args.external_data else None,
+        on_event=lambda message: print(message, file=sys.stderr, flush=True),
+    )
+    _emit(args.json, result.to_dict(), lambda: _export_summary(result))
+    return 0
+
+
+def _export_summary(result) -> str:
+    lines = []
+    if result.merged is not None:
+        merged = result.merged
+        lines.append(
+            f"merged {merged.dtype} model: {merged.out_dir} ({merged.size_bytes / 2**20:,.0f} MiB, "
+            f"{merged.seconds:.0f} s)"
+        )
+        lines += [f"  {check.describe()}" for check in merged.checks]
+    if result.onnx is not None:
+        onnx = result.onnx
+        data = f" + {onnx.path.name}.data" if onnx.external_data else ""
+        lines.append(
+            f"ONNX model: {onnx.path}{data} ({onnx.size_bytes / 2**20:,.0f} MiB, opset {onnx.opset}, "
+            f"exported in {onnx.export_seconds:.0f} s)"
+        )
+        lines.append(f"  {onnx.logits.describe()}")
+        lines.append(
+            f"  greedy {len(onnx.greedy_torch)} tokens identical in torch and onnxruntime "
+            f"({onnx.onnx_seconds_per_token * 1000:.0f} ms/token in onnxruntime, no KV cache)"
+        )
+    return "\n".join(lines)
+
+
 def _emit(as_json: bool, payload: object, table: Callable[[], str]) -> None:
     print(json.dumps(payload, indent=2, default=str) if as_json else table())
 
@@ -295,7 +355,18 @@ def _configure_output(debug: bool) -> None:
     if debug:
         return
     warnings.filterwarnings("ignore")
-    for noisy in ("transformers", "peft", "bitsandbytes", "accelerate", "torch", "huggingface_hub", "httpx"):
+    noisy_loggers = (
+        "transformers",
+        "peft",
+        "bitsandbytes",
+        "accelerate",
+        "torch",
+        "huggingface_hub",
+        "httpx",
+        "onnx_ir",
+        "onnxscript",
+    )
+    for noisy in noisy_loggers:
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as transformers_logging

@@ -22,17 +22,21 @@ OWNED = ("checkpoints", "steps.jsonl", "events.jsonl", "adapter", "model", "summ
 
 def run_identity(config, source, strategy) -> dict[str, str]:
     """What a checkpoint must match to be resumed: model, its architecture, strategy and adapter shape."""
-    config_file = source.path / "config.json" if source.path.is_dir() else source.path
-    architecture = hashlib.sha256(config_file.read_bytes()).hexdigest()[:16]
     identity = {
         "model": config.model.name,
-        "architecture": architecture,
+        "architecture": architecture_hash(source),
         "strategy": strategy.name,
         "seq_len": str(config.data.seq_len),
     }
     if strategy.lora:
         identity["lora"] = f"r={config.lora.rank} alpha={config.lora.alpha} targets={','.join(config.lora.targets)}"
     return identity
+
+
+def architecture_hash(source) -> str:
+    """A short hash of the base's config.json: what a run, its checkpoints and its exports must agree on."""
+    config_file = source.path / "config.json" if source.path.is_dir() else source.path
+    return hashlib.sha256(config_file.read_bytes()).hexdigest()[:16]
 
 
 def prepare_run_dir(path: Path, identity: dict[str, str], *, resume: bool, overwrite: bool) -> Path:

@@ -1,3 +1,6 @@
+import random
+from pathlib import Path
+
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -104,3 +107,48 @@ def tiny_train_overrides(model_dir, text, run_dir, steps, *extra) -> list[str]:
         f"output.dir={run_dir}",
         *extra,
     ]
+
+
+WORDS = "the quick brown fox jumps over the lazy dog hello world how are you today I am fine thank you".split()
+
+
+def write_tiny_text(path: Path, lines: int = 9) -> Path:
+    """About one 32-token block per line for the tiny tokenizer: 9 lines give 7 training and 1 validation example."""
+    rng = random.Random(0)
+    path.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(lines)) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread: on a busy 2-core machine OpenMP teams turn a 50 ms tiny step into seconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tiny_trainable_dir, tmp_path_factory) -> dict[str, Path]:
+    """Finished `edgetune train` runs of the tiny model: LoRA on NF4 and on bf16, and a full-parameter run.
+
+    A high learning rate makes the adapters far from their zero start after three steps, so a merge that drops
+    or misplaces them shows in the logits.
+    """
+    from edgetune import api
+
+    text = write_tiny_text(tmp_path_factory.mktemp("runs-data") / "text.txt")
+    runs = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    for key, strategy, lr in (
+        ("nf4", "scaled-adamw-qlora-gc", "1e-2"),
+        ("bf16", "adafish-lora", "1e-2"),
+        ("full", "mezo-full", "1e-3"),
+    ):
+        run_dir = tmp_path_factory.mktemp(f"run-{key}") / "run"
+        extra = (f"train.strategy={strategy}", f"train.lr={lr}")
+        api.train(api.train_config(None, tiny_train_overrides(tiny_trainable_dir, text, run_dir, 3, *extra)))
+        runs[key] = run_dir
+    torch.set_num_threads(threads)
+    return runs

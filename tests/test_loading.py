@@ -32,9 +32,15 @@ def test_lora_adds_exactly_rank_times_in_plus_out_per_target(tiny_model_dir):
     model = load_model(source(tiny_model_dir), "fp32", lora=LoraSettings(rank=4, alpha=8))
     hidden, inter, heads, kv_heads, layers = 64, 128, 4, 2, 2
     kv_out = hidden // heads * kv_heads
-    shapes = {"q_proj": (hidden, hidden), "k_proj": (hidden, kv_out), "v_proj": (hidden, kv_out),
-              "o_proj": (hidden, hidden), "gate_proj": (hidden, inter), "up_proj": (hidden, inter),
-              "down_proj": (inter, hidden)}
+    shapes = {
+        "q_proj": (hidden, hidden),
+        "k_proj": (hidden, kv_out),
+        "v_proj": (hidden, kv_out),
+        "o_proj": (hidden, hidden),
+        "gate_proj": (hidden, inter),
+        "up_proj": (hidden, inter),
+        "down_proj": (inter, hidden),
+    }
     expected = layers * sum(4 * (i + o) for i, o in shapes.values())
     assert trainable_parameter_count(model) == expected
     assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
@@ -69,8 +75,9 @@ def test_nf4_lora_with_checkpointing_gives_finite_loss_and_adapter_gradients(tin
 def test_checkpointing_recomputes_without_changing_gradients(tiny_model_dir):
     def adapter_grads(checkpointing):
         torch.manual_seed(0)
-        model = load_model(source(tiny_model_dir), "fp32", lora=LoraSettings(rank=4),
-                           gradient_checkpointing=checkpointing)
+        model = load_model(
+            source(tiny_model_dir), "fp32", lora=LoraSettings(rank=4), gradient_checkpointing=checkpointing
+        )
         for name, param in model.named_parameters():
             if "lora_B" in name:  # non-zero B so that lora_A gets gradients too
                 generator = torch.Generator().manual_seed(zlib.crc32(name.encode()))
@@ -105,12 +112,15 @@ def test_lora_targets_that_do_not_exist_name_the_real_linears(tiny_model_dir):
         load_model(source(tiny_model_dir), "fp32", lora=LoraSettings(target_modules=("c_attn",)))
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    ({"rank": 0}, "rank must be positive"),
-    ({"alpha": 0}, "alpha must be positive"),
-    ({"dropout": 1.0}, "dropout must be in"),
-    ({"target_modules": ()}, "target_modules is empty"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"rank": 0}, "rank must be positive"),
+        ({"alpha": 0}, "alpha must be positive"),
+        ({"dropout": 1.0}, "dropout must be in"),
+        ({"target_modules": ()}, "target_modules is empty"),
+    ],
+)
 def test_lora_settings_are_validated(kwargs, message):
     with pytest.raises(EdgetuneError, match=message):
         LoraSettings(**kwargs)
@@ -135,3 +145,26 @@ def test_the_default_model_trains_in_nf4_with_lora_and_checkpointing():
     assert len(adapters) == 30 * 7 * 2
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in adapters.values())
     assert all(p.grad.abs().sum() > 0 for n, p in adapters.items() if "lora_B" in n)
+
+
+def test_an_evaluation_does_not_change_later_4bit_gradients(tiny_model_dir):
+    """bitsandbytes repacks 4-bit weights at an eval forward on AVX512-BF16 CPUs and then loses the gradient
+    through them (see loading.keep_4bit_layout); training after an evaluation must get the same gradients."""
+    def adapter_grads(evaluate_first: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = load_model(source(tiny_model_dir), "nf4", lora=LoraSettings(rank=4), gradient_checkpointing=True)
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:  # non-zero B so gradients reach lora_A and earlier layers
+                torch.nn.init.normal_(parameter, std=0.1)
+        ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+        if evaluate_first:
+            with torch.no_grad():
+                model.eval()(input_ids=ids)
+            model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    plain, after_eval = adapter_grads(False), adapter_grads(True)
+    assert plain.keys() == after_eval.keys()
+    for name in plain:
+        assert torch.equal(plain[name], after_eval[name]), name

@@ -9,7 +9,6 @@ import io
 import json
 import math
 import os
-import random
 import shutil
 import signal
 import sys
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_train_overrides
+from conftest import tiny_train_overrides, write_tiny_text
 
 from edgetune import CancelToken, api, cli
 from edgetune.checkpoint import list_checkpoints, load_latest_checkpoint
@@ -27,29 +26,13 @@ from edgetune.data import DataConfig, load_dataset, pad_token_id
 from edgetune.errors import EdgetuneError
 from edgetune.evaluation import held_out_loss
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 STEPS = 6
-WORDS = "the quick brown fox jumps over the lazy dog hello world how are you today I am fine thank you".split()
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def write_text(path: Path, lines: int = 9) -> Path:
-    """About one 32-token block per line: 9 lines give 7 training and 1 validation example."""
-    rng = random.Random(0)
-    path.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(lines)) + "\n")
-    return path
 
 
 def config(model_dir, text, run_dir, *extra):
     return api.train_config(None, tiny_train_overrides(model_dir, text, run_dir, STEPS, *extra))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a busy 2-core machine OpenMP teams turn a 50 ms tiny step into seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -59,7 +42,7 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def text(tmp_path_factory):
-    return write_text(tmp_path_factory.mktemp("data") / "text.txt")
+    return write_tiny_text(tmp_path_factory.mktemp("data") / "text.txt")
 
 
 @pytest.fixture(scope="module")
@@ -407,7 +390,7 @@ def _short_text(tmp_path):
 
 
 def _long_text(tmp_path):
-    return write_text(tmp_path / "long.txt", lines=40)  # two blocks of 512 tokens
+    return write_tiny_text(tmp_path / "long.txt", lines=40)  # two blocks of 512 tokens
 
 
 # name: (output folder maker, extra overrides maker, fragments the one-line message must hold)

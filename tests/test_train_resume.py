@@ -18,29 +18,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_train_overrides
+from conftest import tiny_train_overrides, write_tiny_text
 
 from edgetune import CancelToken, api, checkpoint, cli
 from edgetune.checkpoint import list_checkpoints, load_latest_checkpoint
 from edgetune.errors import EdgetuneError
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")
 STEPS = 16  # enough that a kill after the first checkpoint lands mid-run
-WORDS = "the quick brown fox jumps over the lazy dog hello world how are you today I am fine thank you".split()
 ZO = ("train.strategy=mezo-full", "train.lr=1e-3", "output.checkpoint_every=1")
 
 
 class _Killed(BaseException):
     """Stands for a kill inside a save: a BaseException skips save_checkpoint's cleanup, as a kill does."""
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a busy 2-core machine OpenMP teams turn a 50 ms tiny step into seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def overrides(model_dir, text, run_dir, *extra):
@@ -78,10 +69,7 @@ def cancel_after(step: int) -> dict:
 @pytest.fixture(scope="module")
 def text(tmp_path_factory):
     """9 lines, 7 training examples: batches of 2 per epoch are 2, 2, 2, 1."""
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("data") / "text.txt"
-    path.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(9)) + "\n")
-    return path
+    return write_tiny_text(tmp_path_factory.mktemp("data") / "text.txt")
 
 
 @pytest.fixture(scope="module")
