@@ -12,8 +12,10 @@ Checks, on the sample prompts of ``edgetune.logit_checks`` (positions the attent
   the merge arithmetic alone; tolerance ``MERGE_TOLERANCE`` (measured: about 1e-5 on SmolLM2-135M).
 - ``saved``: the written folder, reloaded in float32 (so the stored values alone are tested, not 16-bit
   arithmetic), against that float32 adapter model. A 16-bit output rounds each weight by up to half an ulp
-  (2^-9 relative in bf16, 2^-12 in fp16), which moves logits far more than the merge does; the tolerance is
-  ``SAVED_TOLERANCE[dtype]``, about twice what trained SmolLM2-135M runs measure (bench/export.py).
+  (2^-9 relative in bf16, 2^-12 in fp16), which moves logits far more than the merge does. The tolerance is
+  ``SAVED_TOLERANCE[dtype]`` times the largest reference logit: measured on SmolLM2-135M runs, bf16 storage
+  moved logits by 0.5-2.3% of the largest one and fp16 by 0.1%. (Running in bf16 moves them more: the model as
+  trained is 6% away.) fp32 output is held to ``MERGE_TOLERANCE``, absolute.
 - ``as trained``: the float32 adapter model against the model exactly as training ran it (NF4 or bf16 compute).
   This catches a base that was rebuilt wrongly (a dequantization bug gives logits as far apart as the logits
   are large); bf16 arithmetic alone moves them by about 6% of the largest logit on SmolLM2-135M, so the
@@ -40,9 +42,9 @@ logger = logging.getLogger(__name__)
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MERGE_TOLERANCE = 1e-3
 AS_TRAINED_RELATIVE_TOLERANCE = 0.15
-# Max |logit diff| of the saved weights (computed in float32) against the float32 adapter model. Measured on
-# SmolLM2-135M runs (logits up to |36|): bf16 0.23, fp16 0.04, fp32 1e-4.
-SAVED_TOLERANCE: dict[str, float] = {"bf16": 0.5, "fp16": 0.1, "fp32": MERGE_TOLERANCE}
+# Max |logit diff| of the 16-bit saved weights (computed in float32) against the float32 adapter model, as a share
+# of the largest reference logit.
+SAVED_TOLERANCE: dict[str, float] = {"bf16": 0.05, "fp16": 0.01}
 EXPORT_FILE = "edgetune_export.json"
 
 
@@ -163,7 +165,7 @@ def save_merged(merged: MergedRun, folder: Path, dtype: str) -> list[LogitCheck]
     """Save the merged model in ``dtype`` to ``folder``, reload it from disk, and check its logits.
 
     Raises:
-        EdgetuneError: the reloaded model's logits are outside ``SAVED_TOLERANCE[dtype]``.
+        EdgetuneError: the reloaded model's logits are outside the dtype's tolerance (module docstring).
     """
     from transformers import AutoModelForCausalLM
 
@@ -187,7 +189,7 @@ def save_merged(merged: MergedRun, folder: Path, dtype: str) -> list[LogitCheck]
         merged.reference_logits,
         torch_logits(reloaded, merged.batch),
         merged.batch["attention_mask"],
-        SAVED_TOLERANCE[dtype],
+        saved_tolerance(dtype, merged.reference_logits, merged.batch["attention_mask"]),
     )
     checks = [*merged.checks, saved]
     provenance = {
@@ -204,6 +206,13 @@ def save_merged(merged: MergedRun, folder: Path, dtype: str) -> list[LogitCheck]
             "export with --dtype fp32 (or bf16 if fp16 overflowed)",
         )
     return checks
+
+
+def saved_tolerance(dtype: str, reference: torch.Tensor, mask: torch.Tensor) -> float:
+    """The bound on max |logit diff| of weights saved in ``dtype``: relative for 16-bit, absolute for fp32."""
+    if dtype == "fp32":
+        return MERGE_TOLERANCE
+    return SAVED_TOLERANCE[dtype] * float(reference[mask.bool()].abs().max())
 
 
 def dequantized_float32(base: torch.nn.Module) -> torch.nn.Module:

@@ -146,3 +146,29 @@ def test_unsupported_model_type_for_onnx(tiny_runs, tmp_path, capsys, monkeypatc
     code, _, err = run_cli(capsys, str(tiny_runs["nf4"]), "--onnx", str(tmp_path / "m.onnx"))
     assert_one_line_error(code, err, "not supported for model type 'gpt2'", "--merged")
     assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.default_model
+def test_both_exports_of_a_default_model_qlora_run(tmp_path, capsys):
+    """The issue's bar: `edgetune train` on SmolLM2-135M (NF4 + LoRA), then both exports pass their checks."""
+    run_dir = tmp_path / "run"
+    train_args = [
+        "train",
+        "train.strategy=scaled-adamw-qlora-gc",
+        "train.steps=2",
+        "train.batch_size=2",
+        "train.eval_batches=1",
+        "data.seq_len=32",
+        "train.device=cpu",
+        f"output.dir={run_dir}",
+    ]
+    assert cli.main(train_args) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    code, out, err = run_cli(
+        capsys, str(run_dir), "--merged", str(tmp_path / "merged"), "--onnx", str(tmp_path / "smollm2.onnx"), "--json"
+    )
+    assert code == 0, err
+    result = json.loads(out)
+    assert all(check["passed"] for check in result["merged"]["checks"])
+    assert result["onnx"]["logits"]["max_abs_diff"] <= 1e-3 and result["onnx"]["greedy_identical"]
+    assert result["onnx"]["size_bytes"] > 500 * 2**20  # 135M float32 weights, embeddings stored once

@@ -96,7 +96,7 @@ def test_merged_folder_loads_in_plain_transformers(tiny_runs, tmp_path, dtype):
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.get_submodule(LAYER).weight.dtype == merge.DTYPES[dtype]
     saved = next(check for check in result.checks if check.name.startswith("saved"))
-    assert saved.max_abs_diff <= merge.SAVED_TOLERANCE[dtype]
+    assert saved.max_abs_diff <= saved.tolerance <= (merge.MERGE_TOLERANCE if dtype == "fp32" else 3.0)
 
 
 def test_full_parameter_run_exports_the_weights_it_saved(tiny_runs, tmp_path):
