@@ -7,11 +7,11 @@ import argparse
 import json
 import logging
 import sys
-import time
 import warnings
 from collections.abc import Callable, Sequence
 
 from edgetune import __version__
+from edgetune.cli_output import TrainProgress, export_summary, train_summary
 from edgetune.errors import EdgetuneError
 
 EXIT_USAGE = 2
@@ -123,7 +123,7 @@ def _run_train(args: argparse.Namespace) -> int:
     for signum in previous:
         # The first signal asks for a checkpoint at the next step boundary; a second one stops at once.
         signal.signal(signum, lambda *_: cancel.cancel() if not cancel.cancelled else _hard_stop())
-    progress = _Progress()
+    progress = TrainProgress()
     try:
         result = api.train(
             config, resume=args.resume is not None, on_step=progress.update, on_event=progress.message, cancel=cancel
@@ -135,56 +135,12 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.to_dict(), indent=2, default=str))
     else:
-        print(_train_summary(result))
+        print(train_summary(result))
     return 0 if result.status in ("finished", "cancelled") else 1
 
 
 def _hard_stop() -> None:
     raise KeyboardInterrupt
-
-
-class _Progress:
-    """One updating line on stderr: step/total, loss, tokens/s, ETA and memory."""
-
-    def __init__(self) -> None:
-        self.active = False
-
-    def update(self, info) -> None:
-        memory = info.memory.get("reserved_bytes", info.memory.get("rss_bytes", 0)) / 2**20
-        eta = time.strftime("%M:%S", time.gmtime(info.eta_seconds)) if info.eta_seconds < 3600 else ">1h"
-        bar = "#" * int(20 * info.step / info.total_steps)
-        line = (
-            f"\r[{bar:<20}] step {info.step}/{info.total_steps}  loss {info.loss:.4f}  "
-            f"{info.tokens_per_second:,.0f} tok/s  ETA {eta}  mem {memory:,.0f} MiB"
-        )
-        if info.val_loss is not None:
-            line += f"  val {info.val_loss:.4f}"
-        print(line, end="", file=sys.stderr, flush=True)
-        self.active = True
-
-    def message(self, text: str) -> None:
-        self.close()
-        print(text, file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.active:
-            print(file=sys.stderr)
-            self.active = False
-
-
-def _train_summary(result) -> str:
-    mib = 2**20
-    return "\n".join(
-        [
-            f"{result.status}: {result.steps_done} steps of {result.strategy} ({result.strategy_reason})",
-            f"held-out loss {result.val_loss_before:.4f} before, {result.val_loss_after:.4f} after",
-            f"peak memory: planned {result.planned_peak_bytes / mib:,.0f} MiB, "
-            f"measured {result.measured_peak_bytes / mib:,.0f} MiB (tensors)",
-            f"outputs: {result.output_dir}"
-            + (" (load with PeftModel.from_pretrained)" if "adapter" in str(result.output_dir) else ""),
-            f"log, checkpoints and memory report (summary.json, memory.png): {result.run_dir}",
-        ]
-    )
 
 
 def _add_plan(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -317,32 +273,8 @@ def _run_export(args: argparse.Namespace) -> int:
         external_data=True if args.external_data else None,
         on_event=lambda message: print(message, file=sys.stderr, flush=True),
     )
-    _emit(args.json, result.to_dict(), lambda: _export_summary(result))
+    _emit(args.json, result.to_dict(), lambda: export_summary(result))
     return 0
-
-
-def _export_summary(result) -> str:
-    lines = []
-    if result.merged is not None:
-        merged = result.merged
-        lines.append(
-            f"merged {merged.dtype} model: {merged.out_dir} ({merged.size_bytes / 2**20:,.0f} MiB, "
-            f"{merged.seconds:.0f} s)"
-        )
-        lines += [f"  {check.describe()}" for check in merged.checks]
-    if result.onnx is not None:
-        onnx = result.onnx
-        data = f" + {onnx.path.name}.data" if onnx.external_data else ""
-        lines.append(
-            f"ONNX model: {onnx.path}{data} ({onnx.size_bytes / 2**20:,.0f} MiB, opset {onnx.opset}, "
-            f"exported in {onnx.export_seconds:.0f} s)"
-        )
-        lines.append(f"  {onnx.logits.describe()}")
-        lines.append(
-            f"  greedy {len(onnx.greedy_torch)} tokens identical in torch and onnxruntime "
-            f"({onnx.onnx_seconds_per_token * 1000:.0f} ms/token in onnxruntime, no KV cache)"
-        )
-    return "\n".join(lines)
 
 
 def _emit(as_json: bool, payload: object, table: Callable[[], str]) -> None:
