@@ -135,12 +135,15 @@ def _val_examples(model_dir, text):
 def _base_model(model_dir, strategy):
     from transformers import AutoModelForCausalLM
 
-    from edgetune.loading import nf4_config
+    from edgetune.loading import keep_4bit_layout, nf4_config
     from edgetune.strategies import STRATEGIES
 
     if STRATEGIES[strategy].base == "nf4":
         kwargs = {"quantization_config": nf4_config(), "device_map": {"": "cpu"}}
-        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, **kwargs)
+        # Without this, bitsandbytes' CPU inference kernel rounds the 4-bit scales to bf16 (logits move ~3e-3).
+        keep_4bit_layout(model)
+        return model
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
 
 
