@@ -14,7 +14,7 @@ from edgetune.errors import EdgetuneError
 from edgetune.inventory import inspect_model
 from edgetune.loading import DEFAULT_LORA_TARGETS
 from edgetune.planner import RunShape
-from edgetune.probe import ProbeConfig, ProbeResult, run_probe
+from edgetune.probing import ProbeConfig, ProbeResult, run_probe
 from edgetune.profiles import DeviceProfile, list_profiles, load_profile
 from edgetune.report import PlanResult, ladder_reason
 from edgetune.sources import DEFAULT_MODEL_KEY, ModelSource, resolve_model
@@ -53,7 +53,7 @@ def model_source(name: str, on_event: Callable[[str], None] | None = None) -> Mo
 
 
 def probe(config: ProbeConfig | None = None, on_event: Callable[[str], None] | None = None) -> ProbeResult:
-    """Measure real training steps (loss, time, peak memory); see ``edgetune.probe.ProbeConfig``.
+    """Measure real training steps (loss, time, peak memory); see ``edgetune.probing.ProbeConfig``.
 
     Raises:
         EdgetuneError: the model, data or device cannot be used.
@@ -201,12 +201,12 @@ def export(
 ):
     """Export a finished run as a merged Hugging Face folder and/or a verified ONNX file.
 
-    See ``edgetune.export.export`` for the arguments; returns an ``ExportResult`` with every check's figures.
+    See ``edgetune.exporter.export`` for the arguments; returns an ``ExportResult`` with every check's figures.
 
     Raises:
         EdgetuneError: a bad run folder or output path, an unsupported model type, or a failed numeric check.
     """
-    from edgetune.export import export as run_export
+    from edgetune.exporter import export as run_export
 
     with _no_library_progress_bars():
         return run_export(

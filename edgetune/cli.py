@@ -190,7 +190,7 @@ def _run_plan(args: argparse.Namespace) -> int:
 
 
 def _add_probe(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    from edgetune.probe import ProbeConfig
+    from edgetune.probing import ProbeConfig
 
     defaults = ProbeConfig()
     sub = commands.add_parser(
@@ -220,7 +220,7 @@ def _add_probe(commands: argparse._SubParsersAction, common: argparse.ArgumentPa
 
 def _run_probe(args: argparse.Namespace) -> int:
     from edgetune import api
-    from edgetune.probe import ProbeConfig, format_probe
+    from edgetune.probing import ProbeConfig, format_probe
 
     config = ProbeConfig(
         model=args.model,

@@ -140,6 +140,19 @@ def test_importing_edgetune_loads_no_heavy_library():
     assert completed.stdout.strip() == "[]", completed.stdout + completed.stderr
 
 
+def test_api_names_stay_functions_after_every_submodule_is_imported():
+    """A submodule named like an API function (edgetune/probe.py once) replaces the function on the package."""
+    code = (
+        "import importlib, pkgutil, edgetune\n"
+        "for module in pkgutil.walk_packages(edgetune.__path__, 'edgetune.'):\n"
+        "    if not module.name.endswith('__main__'):\n"
+        "        importlib.import_module(module.name)\n"
+        "print(sorted(name for name in edgetune._API if not callable(getattr(edgetune, name))))"
+    )
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert completed.stdout.strip() == "[]", completed.stdout + completed.stderr[-2000:]
+
+
 def tiny_config_file(tmp_path):
     from conftest import tiny_llama_config
 

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from edgetune import merge
 from edgetune.errors import EdgetuneError
-from edgetune.export import export
+from edgetune.exporter import export
 from edgetune.finished_run import open_finished_run
 from edgetune.loading import nf4_config
 

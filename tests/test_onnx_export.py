@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from edgetune import onnx_export
 from edgetune.errors import EdgetuneError
-from edgetune.export import export
+from edgetune.exporter import export
 from edgetune.finished_run import FinishedRun
 from edgetune.logit_checks import sample_batch, torch_logits
 from edgetune.merge import MergedRun

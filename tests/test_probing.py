@@ -3,7 +3,7 @@ import torch
 
 from edgetune.errors import EdgetuneError
 from edgetune.loading import LoraSettings, load_model
-from edgetune.probe import ProbeConfig, format_probe, run_probe
+from edgetune.probing import ProbeConfig, format_probe, run_probe
 from edgetune.sources import resolve_model
 
 

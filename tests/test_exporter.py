@@ -140,7 +140,7 @@ def test_same_path_for_both_outputs(tiny_runs, tmp_path, capsys):
 
 
 def test_unsupported_model_type_for_onnx(tiny_runs, tmp_path, capsys, monkeypatch):
-    from edgetune import export as export_module
+    from edgetune import exporter as export_module
 
     monkeypatch.setattr(export_module, "read_config_dict", lambda path: {"model_type": "gpt2"})
     code, _, err = run_cli(capsys, str(tiny_runs["nf4"]), "--onnx", str(tmp_path / "m.onnx"))
@@ -172,3 +172,12 @@ def test_both_exports_of_a_default_model_qlora_run(tmp_path, capsys):
     assert all(check["passed"] for check in result["merged"]["checks"])
     assert result["onnx"]["logits"]["max_abs_diff"] <= 1e-3 and result["onnx"]["greedy_identical"]
     assert result["onnx"]["size_bytes"] > 500 * 2**20  # 135M float32 weights, embeddings stored once
+
+
+def test_the_api_function_stays_callable_after_its_module_is_imported(tiny_runs, tmp_path):
+    """A submodule named like an API function would replace it on the package after the first call."""
+    import edgetune
+
+    for name in ("first", "second"):
+        result = edgetune.export(tiny_runs["bf16"], merged_dir=tmp_path / name)
+        assert result.merged.out_dir == tmp_path / name
