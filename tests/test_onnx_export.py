@@ -122,3 +122,13 @@ def test_runtime_gets_numpy_int64_inputs(exported):
     assert session.get_outputs()[0].name == "logits"
     ids = np.array([[1, 2, 3]], dtype=np.int64)
     assert session.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0].dtype == np.float32
+
+
+def test_a_failed_check_writes_nothing(tiny_runs, tmp_path, monkeypatch):
+    older = tmp_path / "model.onnx"
+    older.write_text("an earlier export")
+    monkeypatch.setattr(onnx_export, "LOGIT_TOLERANCE", 0.0)
+    with pytest.raises(EdgetuneError, match="does not reproduce torch"):
+        export(tiny_runs["bf16"], onnx_path=older, overwrite=True, external_data=True)
+    assert older.read_text() == "an earlier export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"], "staging files were left behind"
