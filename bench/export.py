@@ -40,7 +40,9 @@ def render(results: dict) -> str:
         "# Export benchmark",
         "",
         f"`{meta['command']}` on {meta['machine']}, torch {meta['torch']}, {meta['date']}, load average at start "
-        f"{meta['load_start'][0]:.1f}. Logit differences are max |diff| over the sample prompts' kept positions.",
+        f"{meta['load_start'][0]:.1f}. Logit differences are max |diff| over the sample prompts' kept positions. "
+        "Seconds: writing and checking a merged folder (after one shared merge), or tracing and saving the ONNX "
+        "graph; ms/token: onnxruntime greedy decoding without a KV cache.",
         "",
         "| run | strategy | output | size MiB | seconds | check | max abs diff | tolerance | top-1 agreement |",
         "|---|---|---|---|---|---|---|---|---|",
