@@ -33,6 +33,7 @@ import torch
 
 from edgetune.errors import EdgetuneError
 from edgetune.optim.adafish_hooks import PerSampleFisher
+from edgetune.optim.lora_pairs import lora_partner
 
 __all__ = ["AdaFish", "state_bytes"]
 
@@ -48,10 +49,10 @@ def _pair_names(names: list[str], params: list[torch.Tensor]) -> dict[int, tuple
     by_name = dict(zip(names, params, strict=True))
     sides: dict[int, tuple[str, str]] = {}
     for name, a in by_name.items():
-        dotted = f".{name}"  # a top-level "lora_A.x.weight" must match too
-        if ".lora_A." not in dotted or not name.endswith(".weight"):
+        role = lora_partner(name)
+        if role is None or role[0] != "lora_A" or not name.endswith(".weight"):
             continue
-        b_name = dotted.replace(".lora_A.", ".lora_B.")[1:]
+        b_name = role[1]
         b = by_name.get(b_name)
         # Embedding and conv LoRA have other names or shapes; they fall through to AdamW.
         if b is None or a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:

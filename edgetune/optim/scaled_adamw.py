@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from edgetune.optim.lora_pairs import lora_partner
+
 __all__ = ["ScaledAdamW", "state_bytes", "step_temporary_bytes"]
 
 logger = logging.getLogger(__name__)
@@ -91,26 +93,25 @@ def _pair_lora_factors(
     }
     pairs: list[tuple[torch.Tensor, torch.Tensor, dict[str, Any], dict[str, Any]]] = []
     for name, (param, group) in named.items():
-        for own, other in (("lora_A", "lora_B"), ("lora_B", "lora_A")):
-            parts = name.split(".")
-            if own not in parts:
-                continue
-            parts[parts.index(own)] = other
-            partner = named.get(".".join(parts))
-            if partner is None:
-                if strict:
-                    raise ValueError(
-                        f"LoRA factor {name!r} has no {'.'.join(parts)!r} among the optimizer's parameters; pass "
-                        "both factors (e.g. ScaledAdamW.from_model(model)) or strict_pairing=False to train it as "
-                        "plain AdamW"
-                    )
-            elif own == "lora_A" and param.ndim == 2 and partner[0].ndim == 2:
-                if param.shape[0] != partner[0].shape[1]:
-                    raise ValueError(
-                        f"LoRA shapes do not chain: {name!r} is {tuple(param.shape)} (r x in) but its lora_B is "
-                        f"{tuple(partner[0].shape)} (out x r); pair factors of the same adapter and rank"
-                    )
-                pairs.append((param, partner[0], group, partner[1]))
+        role = lora_partner(name)
+        if role is None:
+            continue
+        own, partner_name = role
+        partner = named.get(partner_name)
+        if partner is None:
+            if strict:
+                raise ValueError(
+                    f"LoRA factor {name!r} has no {partner_name!r} among the optimizer's parameters; pass "
+                    "both factors (e.g. ScaledAdamW.from_model(model)) or strict_pairing=False to train it as "
+                    "plain AdamW"
+                )
+        elif own == "lora_A" and param.ndim == 2 and partner[0].ndim == 2:
+            if param.shape[0] != partner[0].shape[1]:
+                raise ValueError(
+                    f"LoRA shapes do not chain: {name!r} is {tuple(param.shape)} (r x in) but its lora_B is "
+                    f"{tuple(partner[0].shape)} (out x r); pair factors of the same adapter and rank"
+                )
+            pairs.append((param, partner[0], group, partner[1]))
     return pairs
 
 
