@@ -96,9 +96,26 @@ def load_model(
     Raises:
         EdgetuneError: the source has no weights, the precision is unknown, or NF4 without LoRA was asked.
     """
+    _check_request(source, precision, lora)
+    model = load_base(source, precision, device=device)
+    model.config.use_cache = False
+    if gradient_checkpointing:
+        enable_checkpointing(model)
+    if lora is not None:
+        model = attach_lora(model, lora)
+    model.train()
+    return model
+
+
+def load_base(source: ModelSource, precision: Precision, *, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The pretrained model in ``precision`` exactly as edgetune trains over it, without adapters or checks.
+
+    ``nf4`` is edgetune's QLoRA quantization (``nf4_config``) with the 4-bit layout kept (``keep_4bit_layout``);
+    ``fp32`` and ``bf16`` cast the whole model. The exporters load a run's base through this too, so a merge sees
+    the weights training saw.
+    """
     from transformers import AutoModelForCausalLM
 
-    _check_request(source, precision, lora)
     device = torch.device(device)
     kwargs: dict[str, object] = {"dtype": torch.float32 if precision == "fp32" else torch.bfloat16}
     if precision == "nf4":
@@ -106,16 +123,10 @@ def load_model(
         # bitsandbytes quantizes while loading, so the weights must land on their final device directly.
         kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
     model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
-    if precision != "nf4":
-        model.to(device)
-    else:
+    if precision == "nf4":
         keep_4bit_layout(model)
-    model.config.use_cache = False
-    if gradient_checkpointing:
-        enable_checkpointing(model)
-    if lora is not None:
-        model = attach_lora(model, lora)
-    model.train()
+    else:
+        model.to(device)
     return model
 
 

@@ -87,7 +87,7 @@ def merge_run(run: FinishedRun, on_event: Callable[[str], None] | None = None) -
         EdgetuneError: the base model cannot be found or changed since training, or the merge check fails.
     """
     notify = on_event or logger.info
-    from edgetune.loading import load_tokenizer
+    from edgetune.loading import load_base, load_tokenizer
 
     source = resolve_model(run.model_name, on_event=notify)
     check_same_base(run, source)
@@ -105,7 +105,7 @@ def merge_run(run: FinishedRun, on_event: Callable[[str], None] | None = None) -
         return MergedRun(run, model, tokenizer, _passed(checks), logits, batch)
     from peft import PeftModel
 
-    trained_base = _load_base(run, source)
+    trained_base = load_base(source, run.strategy.base)
     base = dequantized_float32(trained_base)
     trained_logits = torch_logits(PeftModel.from_pretrained(trained_base, run.weights_dir), batch)
     del trained_base
@@ -246,20 +246,6 @@ def _dense_weight(module: torch.nn.Module) -> torch.Tensor:
         # re-quantized to 8 bits: about 1%), which is why merge_run dequantizes before any forward.
         data, quant_state = functional._convert_weight_packed_for_cpu_inverse(data, quant_state)
     return functional.dequantize_4bit(data, quant_state)
-
-
-def _load_base(run: FinishedRun, source) -> torch.nn.Module:
-    """The base exactly as a LoRA run trained over it: NF4 with edgetune's quantization, or bf16/fp32."""
-    from transformers import AutoModelForCausalLM
-
-    from edgetune.loading import keep_4bit_layout, nf4_config
-
-    kwargs: dict[str, object] = {"dtype": torch.float32 if run.strategy.base == "fp32" else torch.bfloat16}
-    if run.strategy.base == "nf4":
-        kwargs |= {"quantization_config": nf4_config(), "device_map": {"": "cpu"}}
-    model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
-    keep_4bit_layout(model)  # the layout and scales training used (see loading.keep_4bit_layout)
-    return model
 
 
 def _folder_bytes(folder: Path) -> int:
