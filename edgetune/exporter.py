@@ -74,8 +74,7 @@ def export(
     if onnx_path is not None:
         check_onnx_path(Path(onnx_path))
         source = resolve_model(run.model_name, on_event=on_event)
-        config_file = source.path / "config.json" if source.path.is_dir() else source.path
-        check_onnx_model_type(str(read_config_dict(config_file)["model_type"]))
+        check_onnx_model_type(str(read_config_dict(source.config_file)["model_type"]))
     merged = merge_run(run, on_event)
     merged_result = write_merged(merged, Path(merged_dir), dtype, on_event) if merged_dir is not None else None
     onnx_result = (

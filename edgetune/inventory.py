@@ -80,7 +80,7 @@ def inspect_model(source: ModelSource) -> ModelSpec:
     Raises:
         EdgetuneError: the config lacks fields the architecture needs, or transformers cannot build it.
     """
-    config_path = source.path if source.kind == "config" else source.path / "config.json"
+    config_path = source.config_file
     data = read_config_dict(config_path)
     return inspect_config(data, origin=str(config_path))
 

@@ -35,8 +35,7 @@ def run_identity(config, source, strategy) -> dict[str, str]:
 
 def architecture_hash(source) -> str:
     """A short hash of the base's config.json: what a run, its checkpoints and its exports must agree on."""
-    config_file = source.path / "config.json" if source.path.is_dir() else source.path
-    return hashlib.sha256(config_file.read_bytes()).hexdigest()[:16]
+    return hashlib.sha256(source.config_file.read_bytes()).hexdigest()[:16]
 
 
 def prepare_run_dir(path: Path, identity: dict[str, str], *, resume: bool, overwrite: bool) -> Path:

@@ -71,6 +71,11 @@ class ModelSource:
     path: Path
     has_weights: bool
 
+    @property
+    def config_file(self) -> Path:
+        """The model's ``config.json``."""
+        return self.path / "config.json" if self.path.is_dir() else self.path
+
     def to_dict(self) -> dict[str, object]:
         return {"name": self.name, "kind": self.kind, "path": str(self.path), "has_weights": self.has_weights}
 
