@@ -185,7 +185,7 @@ def save_merged(merged: MergedRun, folder: Path, dtype: str) -> list[LogitCheck]
     merged.tokenizer.save_pretrained(folder)
     reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     saved = compare_logits(
-        f"saved {dtype} weights vs float32 adapters",
+        f"saved {dtype} weights vs float32 {'adapters' if merged.run.is_lora else 'trained model'}",
         merged.reference_logits,
         torch_logits(reloaded, merged.batch),
         merged.batch["attention_mask"],
