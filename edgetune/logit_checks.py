@@ -70,6 +70,11 @@ def compare_logits(
     return LogitCheck(name, float(diff.max()), float(diff.mean()), float(agree), tolerance)
 
 
+def largest_kept_logit(logits: torch.Tensor, mask: torch.Tensor) -> float:
+    """The largest |logit| at kept positions: the scale that relative tolerances are taken against."""
+    return float(logits[mask.bool()].abs().max())
+
+
 @torch.no_grad()
 def torch_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Logits of a causal LM without a KV cache, as a CPU float32 tensor."""

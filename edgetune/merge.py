@@ -33,7 +33,7 @@ import torch
 
 from edgetune.errors import EdgetuneError
 from edgetune.finished_run import FinishedRun, check_same_base
-from edgetune.logit_checks import LogitCheck, compare_logits, sample_batch, torch_logits
+from edgetune.logit_checks import LogitCheck, compare_logits, largest_kept_logit, sample_batch, torch_logits
 from edgetune.sources import resolve_model
 from edgetune.staged_output import staged
 
@@ -123,8 +123,9 @@ def merge_run(run: FinishedRun, on_event: Callable[[str], None] | None = None) -
 
 
 def _as_trained_check(name: str, reference: torch.Tensor, trained: torch.Tensor, mask: torch.Tensor) -> LogitCheck:
-    largest = float(reference[mask.bool()].abs().max())
-    return compare_logits(name, reference, trained, mask, AS_TRAINED_RELATIVE_TOLERANCE * largest)
+    return compare_logits(
+        name, reference, trained, mask, AS_TRAINED_RELATIVE_TOLERANCE * largest_kept_logit(reference, mask)
+    )
 
 
 def _passed(checks: list[LogitCheck]) -> list[LogitCheck]:
@@ -212,7 +213,7 @@ def saved_tolerance(dtype: str, reference: torch.Tensor, mask: torch.Tensor) -> 
     """The bound on max |logit diff| of weights saved in ``dtype``: relative for 16-bit, absolute for fp32."""
     if dtype == "fp32":
         return MERGE_TOLERANCE
-    return SAVED_TOLERANCE[dtype] * float(reference[mask.bool()].abs().max())
+    return SAVED_TOLERANCE[dtype] * largest_kept_logit(reference, mask)
 
 
 def dequantized_float32(base: torch.nn.Module) -> torch.nn.Module:
