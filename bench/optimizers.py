@@ -29,12 +29,12 @@ os.environ.setdefault("GOMP_SPINCOUNT", "20000")
 import sentiment  # noqa: E402  (bench/sentiment.py: the script's folder is first on sys.path)
 import torch  # noqa: E402
 
-from edgetune.data import DataConfig, batches, load_dataset, pad_token_id  # noqa: E402
-from edgetune.loading import LoraSettings, load_model, load_tokenizer  # noqa: E402
-from edgetune.memory import MemoryProbe  # noqa: E402
 from edgetune.optim import AdaFish, HiZOO, MeZO, ScaledAdamW  # noqa: E402
 from edgetune.optim.hizoo import buffer_bytes  # noqa: E402
-from edgetune.sources import resolve_model  # noqa: E402
+from edgetune.plan.sources import resolve_model  # noqa: E402
+from edgetune.train.data import DataConfig, batches, load_dataset, pad_token_id  # noqa: E402
+from edgetune.train.loading import LoraSettings, load_model, load_tokenizer  # noqa: E402
+from edgetune.train.memory import MemoryProbe  # noqa: E402
 
 logger = logging.getLogger("bench.optimizers")
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -20,11 +20,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from edgetune import calibration  # noqa: E402
-from edgetune.budget import SLACK_DYNAMIC, SLACK_STATIC  # noqa: E402
-from edgetune.inventory import inspect_config  # noqa: E402
-from edgetune.planner import EDGETUNE_CPU, RunShape, Stack, estimate  # noqa: E402
-from edgetune.strategies import STRATEGIES, Backprop  # noqa: E402
+from edgetune.plan import calibration  # noqa: E402
+from edgetune.plan.budget import SLACK_DYNAMIC, SLACK_STATIC  # noqa: E402
+from edgetune.plan.components import EDGETUNE_CPU, RunShape, Stack, estimate  # noqa: E402
+from edgetune.plan.inventory import inspect_config  # noqa: E402
+from edgetune.plan.strategies import STRATEGIES, Backprop  # noqa: E402
 
 GIB, GB = 1024**3, 10**9
 RESULTS = ROOT / "bench" / "results"
@@ -103,7 +103,9 @@ class Published:
 
 
 def lora(name: str, base: str, optimizer: str = "adamw", checkpointing: bool = True) -> Backprop:
-    return Backprop(name, optimizer, base, True, checkpointing, 1e-4, name)
+    return Backprop(
+        name=name, optimizer=optimizer, base=base, lora=True, checkpointing=checkpointing, default_lr=1e-4, summary=name
+    )
 
 
 PUBLISHED = [

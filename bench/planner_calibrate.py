@@ -47,7 +47,7 @@ def _saved_bytes(mode, shape, targets, rank, checkpointing, layers, tokens) -> i
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from edgetune.loading import enable_checkpointing, nf4_config
+    from edgetune.train.loading import enable_checkpointing, nf4_config
 
     hidden, intermediate, heads, kv_heads = shape
     config = LlamaConfig(

@@ -24,11 +24,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from edgetune.data import DataConfig, batches, load_dataset, pad_token_id  # noqa: E402
-from edgetune.loading import LoraSettings, load_model, load_tokenizer  # noqa: E402
-from edgetune.memory import MemoryProbe, resident_bytes  # noqa: E402
-from edgetune.sources import resolve_model  # noqa: E402
-from edgetune.strategies import STRATEGIES, make_optimizer, training_step  # noqa: E402
+from edgetune.plan.sources import resolve_model  # noqa: E402
+from edgetune.plan.strategies import STRATEGIES  # noqa: E402
+from edgetune.train.data import DataConfig, batches, load_dataset, pad_token_id  # noqa: E402
+from edgetune.train.loading import LoraSettings, load_model, load_tokenizer  # noqa: E402
+from edgetune.train.memory import MemoryProbe, resident_bytes  # noqa: E402
+from edgetune.train.step import make_optimizer, run_step  # noqa: E402
 
 LORA_RANK = 16
 SHAPES = {"tiny": [(2, 64), (4, 128)], "smollm2-135m": [(2, 128), (4, 256)]}
@@ -64,12 +65,12 @@ def measure(model_name: str, source_path: str, strategy_name: str, batch_size: i
     model = load_model(source, strategy.base, lora=lora, gradient_checkpointing=strategy.checkpointing)
     optimizer = make_optimizer(strategy, model)
     stream = batches(data.train, batch_size, pad_token_id(tokenizer), shuffle=True, seed=0)
-    training_step(strategy, model, next(stream), optimizer)
+    run_step(strategy, model, optimizer, [next(stream)])
     batch = next(stream)
     resident = resident_bytes(model, optimizer)
     started = time.perf_counter()
     with MemoryProbe("cpu") as probe:
-        training_step(strategy, model, batch, optimizer)
+        run_step(strategy, model, optimizer, [batch])
     report = probe.report
     return {
         "model": model_name,

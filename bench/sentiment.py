@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from edgetune.registry import fetch_wheel_member
-from edgetune.sources import cache_dir
+from edgetune.plan.registry import fetch_wheel_member
+from edgetune.plan.sources import cache_dir
 
 logger = logging.getLogger(__name__)
 

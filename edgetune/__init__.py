@@ -3,6 +3,9 @@
 Importing edgetune loads nothing heavy and touches no GPU; the API functions import what they need.
 """
 
+import sys
+import types
+
 __version__ = "0.1.0"
 
 _API = (
@@ -16,8 +19,8 @@ _API = (
     "train",
     "train_config",
 )
-_TRAINER = ("CancelToken", "StepInfo", "TrainResult")
-__all__ = ["EdgetuneError", "__version__", *_API, *_TRAINER]
+_LOOP = ("CancelToken", "StepInfo", "TrainResult")
+__all__ = ["EdgetuneError", "__version__", *_API, *_LOOP]
 
 from edgetune.errors import EdgetuneError  # noqa: E402
 
@@ -28,8 +31,27 @@ def __getattr__(name: str):
         from edgetune import api
 
         return getattr(api, name)
-    if name in _TRAINER:
-        from edgetune import trainer
+    if name in _LOOP:
+        from edgetune.train import loop
 
-        return getattr(trainer, name)
+        return getattr(loop, name)
     raise AttributeError(f"module 'edgetune' has no attribute {name!r}")
+
+
+class _Package(types.ModuleType):
+    """The edgetune package, whose API names stay the API functions once a wing of the same name is imported.
+
+    The wings ``edgetune/plan``, ``edgetune/train`` and ``edgetune/export`` share their names with the API functions
+    ``edgetune.plan``, ``edgetune.train`` and ``edgetune.export``. Python's import system sets a subpackage as an
+    attribute of its parent after importing it, which would turn ``edgetune.train(config)`` into a call of a module.
+    Refusing that one assignment keeps the functions; the wings stay importable by their full dotted names
+    (``from edgetune.train.loop import train``), which go through ``sys.modules``, not through attributes.
+    """
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name in _API and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -8,17 +8,15 @@ import contextlib
 from collections.abc import Callable
 from pathlib import Path
 
-from edgetune.budget import Budget, BudgetKind, context_bytes_for, levers, parse_bytes, recommend, size
-from edgetune.device import DeviceInfo, read_devices
-from edgetune.errors import EdgetuneError
-from edgetune.inventory import inspect_model
-from edgetune.loading import DEFAULT_LORA_TARGETS
-from edgetune.planner import RunShape
-from edgetune.probing import ProbeConfig, ProbeResult, run_probe
-from edgetune.profiles import DeviceProfile, list_profiles, load_profile
-from edgetune.report import PlanResult, ladder_reason
-from edgetune.sources import DEFAULT_MODEL_KEY, ModelSource, resolve_model
-from edgetune.strategies import STRATEGIES
+from edgetune.plan.budget import BudgetKind, budget_of_device, budget_of_profile, budget_of_size, parse_bytes
+from edgetune.plan.components import RunShape
+from edgetune.plan.decide import plan_run
+from edgetune.plan.device import DeviceInfo, read_devices
+from edgetune.plan.inventory import inspect_model
+from edgetune.plan.profiles import DeviceProfile, list_profiles, load_profile
+from edgetune.plan.report import PlanResult
+from edgetune.plan.sources import ModelSource, resolve_model
+from edgetune.train.probe import ProbeConfig, ProbeResult, run_probe
 
 
 def devices() -> list[DeviceInfo]:
@@ -53,7 +51,7 @@ def model_source(name: str, on_event: Callable[[str], None] | None = None) -> Mo
 
 
 def probe(config: ProbeConfig | None = None, on_event: Callable[[str], None] | None = None) -> ProbeResult:
-    """Measure real training steps (loss, time, peak memory); see ``edgetune.probing.ProbeConfig``.
+    """Measure real training steps (loss, time, peak memory); see ``edgetune.train.probe.ProbeConfig``.
 
     Raises:
         EdgetuneError: the model, data or device cannot be used.
@@ -63,100 +61,81 @@ def probe(config: ProbeConfig | None = None, on_event: Callable[[str], None] | N
 
 
 def plan(
-    model: str = DEFAULT_MODEL_KEY,
+    model: str | None = None,
     *,
-    batch_size: int = 4,
-    seq_len: int = 256,
-    lora_rank: int = 16,
-    lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS,
+    batch_size: int | None = None,
+    seq_len: int | None = None,
+    lora_rank: int | None = None,
+    lora_targets: tuple[str, ...] | None = None,
     profile: str | None = None,
     budget: str | int | None = None,
     budget_device: BudgetKind = "cuda",
     strategies: tuple[str, ...] | None = None,
+    config=None,
     on_event: Callable[[str], None] | None = None,
 ) -> PlanResult:
     """Size every strategy for a model and run shape against a memory budget, and pick one.
 
-    The budget is, in order of precedence: ``budget`` (bytes or a size such as "6GiB", for ``budget_device``),
-    a device ``profile`` (e.g. "rtx-4060-8gb"), or the free memory of this machine's first visible device.
+    The model and run shape come from the arguments, else from ``config`` (a ``TrainConfig``, as ``edgetune train``
+    reads it), else from the defaults ``edgetune train`` runs with (the embedded model, batch 4 x 128 tokens, LoRA
+    rank 16 on every linear of a block). The budget is, in order of precedence: ``budget`` (bytes or a size such as
+    "6GiB", for ``budget_device``), a device ``profile`` (e.g. "rtx-4060-8gb"), the config's ``train.budget``, or the
+    free memory of this machine's first visible device.
 
     Raises:
         EdgetuneError: the model cannot be inspected, a value is out of range, the profile is unknown or the
             budget does not parse.
     """
-    source = resolve_model(model, on_event=on_event)
-    spec = inspect_model(source)
-    run = RunShape(batch_size=batch_size, seq_len=seq_len, lora_rank=lora_rank, lora_targets=tuple(lora_targets))
-    memory = _budget(profile, budget, budget_device)
-    chosen = strategies or tuple(STRATEGIES)
-    unknown = [name for name in chosen if name not in STRATEGIES]
-    if unknown:
-        raise EdgetuneError(f"unknown strategy {unknown[0]!r}", f"use one of {', '.join(STRATEGIES)}")
-    plans = {name: size(spec, STRATEGIES[name], run, memory) for name in chosen}
-    recommended = recommend(plans)
-    warnings = []
-    if spec.max_positions and seq_len > spec.max_positions:
-        warnings.append(f"seq_len {seq_len} exceeds the model's {spec.max_positions} positions; planned anyway")
-    return PlanResult(
-        model=source.name,
-        spec=spec,
-        run=run,
-        budget=memory,
-        plans=plans,
-        recommended=recommended,
-        reason=ladder_reason(recommended, plans),
-        levers=[] if recommended else levers(spec, run, memory),
-        warnings=warnings,
+    from edgetune.train.config import TrainConfig
+
+    config = config or TrainConfig()
+    source = resolve_model(model or config.model.name, on_event=on_event)
+    run = RunShape(
+        batch_size=config.train.batch_size if batch_size is None else batch_size,
+        seq_len=config.data.seq_len if seq_len is None else seq_len,
+        lora_rank=config.lora.rank if lora_rank is None else lora_rank,
+        lora_targets=tuple(config.lora.targets if lora_targets is None else lora_targets),
     )
-
-
-def _budget(profile: str | None, budget: str | int | None, budget_device: BudgetKind) -> Budget:
     if budget is not None:
         size_bytes = budget if isinstance(budget, int) else parse_bytes(budget)
-        if size_bytes <= 0:
-            raise EdgetuneError(f"budget must be positive, got {budget}", "pass a size such as 6GiB")
-        return Budget(
-            size_bytes, size_bytes, budget_device, f"--budget {budget}", context_bytes_for(budget_device, None)
-        )
-    if profile is not None:
-        device = load_profile(profile)
-        kind: BudgetKind = "unified" if device.unified else "cuda"
-        note = "total memory; the OS shares it" if device.unified else "total memory; a desktop uses part of it"
-        return Budget(
-            device.memory_bytes,
-            device.memory_bytes,
-            kind,
-            f"profile {device.key}, {note}",
-            context_bytes_for(kind, device.ctx_overhead_bytes),
-        )
-    device = read_devices()[0]
-    kind = {"nvml_v2": "cuda", "nvml_v1": "cuda", "psutil_unified": "unified"}.get(device.source, "cpu")
-    return Budget(
-        device.free_bytes, device.total_bytes, kind, f"{device.name} via {device.source}", context_bytes_for(kind, None)
-    )
+        memory = budget_of_size(size_bytes, budget_device, f"--budget {budget}")
+    elif profile is not None:
+        memory = budget_of_profile(load_profile(profile))
+    elif config.train.budget_bytes is not None:
+        memory = budget_of_size(config.train.budget_bytes, budget_device, f"train.budget={config.train.budget}")
+    else:
+        memory = budget_of_device(read_devices()[0])
+    return plan_run(source.name, inspect_model(source), run, memory, strategies)
 
 
-def train_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = (), *, resume: str | None = None):
-    """The config a run uses: a YAML file (or a run folder's saved config with ``resume``) plus overrides.
+def train_config(
+    path: str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    resume: str | None = None,
+    on_event: Callable[[str], None] | None = None,
+):
+    """The config a run uses: a YAML file (or, with ``resume``, the run folder's saved config) plus overrides.
+
+    With ``resume``, a file and overrides may change only what does not change the run (its length, how often it
+    evaluates and saves); each change is reported to ``on_event``.
 
     Raises:
-        EdgetuneError: the file does not parse, a key is unknown, a value has the wrong type or is out of range.
+        EdgetuneError: the file does not parse, a key is unknown, a value has the wrong type or is out of range, or
+            a resume would change what the run trains (the message names the keys).
     """
-    from edgetune.config import load_config
+    from edgetune.train.config_file import load_config, resume_config
 
-    if resume is not None:
-        saved = Path(resume) / "config.yaml"
-        if not saved.is_file():
-            raise EdgetuneError(
-                f"{resume} has no config.yaml, so it is not an edgetune run folder",
-                "pass the output folder of an earlier `edgetune train`",
-            )
-        return load_config(saved, [*overrides, f"output.dir={resume}"])
-    return load_config(path, list(overrides))
+    if resume is None:
+        return load_config(path, list(overrides))
+    config, changes = resume_config(resume, path, list(overrides))
+    for change in changes:
+        (on_event or (lambda _: None))(f"resume changes {change}")
+    return config
 
 
 def train(config=None, *, resume: bool = False, on_step=None, on_event=None, cancel=None):
-    """Fine-tune as the config says; see ``edgetune.trainer.train``. Safe to call from a worker thread.
+    """Fine-tune as the config says; see ``edgetune.train.loop.train``. Safe to call from a worker thread.
 
     Args:
         config: a ``TrainConfig`` (None: the defaults, the main job on the embedded model).
@@ -168,8 +147,8 @@ def train(config=None, *, resume: bool = False, on_step=None, on_event=None, can
     Raises:
         EdgetuneError: the model, data, output folder, strategy or checkpoint cannot be used.
     """
-    from edgetune.config import TrainConfig
-    from edgetune.trainer import train as run_training
+    from edgetune.train.config import TrainConfig
+    from edgetune.train.loop import train as run_training
 
     with _no_library_progress_bars():
         return run_training(config or TrainConfig(), resume=resume, on_step=on_step, on_event=on_event, cancel=cancel)
@@ -201,14 +180,15 @@ def export(
 ):
     """Export a finished run as a merged Hugging Face folder and/or a verified ONNX file.
 
-    See ``edgetune.exporter.export`` for the arguments; returns an ``ExportResult`` with every check's figures.
+    See ``edgetune.export.exporter.export`` for the arguments; returns an ``ExportResult`` with every check's figures.
 
     Raises:
         EdgetuneError: a bad run folder or output path, an unsupported model type, or a failed numeric check.
     """
-    from edgetune.exporter import export as run_export
+    from edgetune.export.exporter import export as run_export
+    from edgetune.train.notices import forward_warnings
 
-    with _no_library_progress_bars():
+    with _no_library_progress_bars(), forward_warnings(on_event):
         return run_export(
             run_dir,
             merged_dir=merged_dir,

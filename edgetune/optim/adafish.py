@@ -20,6 +20,14 @@ Special case (fisher="identity", or power=0 in any mode): F̂ ≡ I gives P = (1
 factor moves by lr·c·M̂ with c = (1 + damping)^(−power)·(√fan if the shape scale applies): SGD with AdamW's
 bias-corrected first moment and decoupled weight decay, i.e. AdamW with its √v̂ + eps replaced by the constant 1/c.
 
+Per-sample normalisation. G_i is the gradient of example i's own loss ℓ_i, and mean_i runs over the N examples of
+the step, however many micro-batches carried them: a step of k accumulated micro-batches (each loss divided by k, as
+the trainer does) gets the H of one batch of the N examples. The Fisher is an expectation over examples, so it must
+not depend on the micro-batch x accumulation shape, which the trainer may change mid-run; averaging per micro-batch
+instead would shrink H k² times and grow the step k times at power ½ (k² at power 1). ``zero_grad`` drops the
+hooks' statistics with the gradients, so a backward whose step was skipped does not leak into the next step
+(adafish_hooks.py has the derivation).
+
 Pairs are found by name (``...lora_A.<adapter>.weight`` / ``...lora_B.<adapter>.weight``, same param group); other
 trainable parameters get torch's AdamW update. Fisher and P are fp32; M has the parameter's dtype, as AdamW's moments.
 """
@@ -182,6 +190,18 @@ class AdaFish(torch.optim.Optimizer):
         for i, p in zip(saved_ids, params, strict=True):
             for key, value in fp32.get(i, {}).items():
                 self.state[p][key] = value.to(device=p.device, dtype=torch.float32, copy=True)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Reset the gradients, and with fisher="per_sample" the hooks' statistics gathered with them.
+
+        Args:
+            set_to_none: as for ``torch.optim.Optimizer.zero_grad``.
+        """
+        super().zero_grad(set_to_none=set_to_none)
+        # The statistics describe the accumulated gradient: kept past it, a skipped step's backward would be counted
+        # in the next step's Fisher, and its micro-batches in the next step's accumulation count.
+        if self.fisher_hooks is not None:
+            self.fisher_hooks.clear()
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:

@@ -17,12 +17,25 @@ abs() per coordinate; we leave it out because E|X| != E[X] (with d coordinates i
 H at ``hessian_min`` instead. MeZO drops l0 and H: two forwards, theta <- theta - lr ((l+ - l-)/(2 eps) z + wd theta).
 
 Restoring theta. Without a copy of theta no in-place scheme can undo round(theta + d) for every float: it maps the
-many floats near 0 onto the few near d (pigeonhole). We keep no copy and invert exactly where an inverse exists:
-round(s - d) gives theta back whenever theta +- d crosses no power of two (the float spacing stays the same), and 0 is
-restored whenever 0 also maps to s, so zero-initialised weights (LoRA B, biases) come back bit-exact. That check costs
-two passes, so it runs only on chunks that held a zero at theta (read in the step's first sweep); elsewhere the rare
-tiny theta that also maps to s comes back as round(s - d), within the bound that follows. Other coordinates come
-back within one ulp of |theta| + |d|: about 8% of N(0, 0.02) weights per step at eps = 1e-3, against 46% for the
+many floats near 0 onto the few near d (pigeonhole), and at a tie (theta + d halfway between two floats, rounded to
+the even one) two neighbours map to one s. We keep no copy and restore with round(s - d): the same fp32 add (bf16 and
+fp16 round its result twice, to fp32 then to the dtype) with the same d = eps z / sqrt(H). With ulp(x) the spacing of
+the dtype's floats at |x| (the wider one at a power of two), exactly this holds:
+
+- a round trip theta -> s = round(theta + d) -> r = round(s - d) ends within one ulp of the perturbed value:
+  |r - theta| <= ulp(s). With one rounding this is a proof: theta is a candidate when s - d = theta + (s - theta - d)
+  is rounded, so |r - theta| <= 2 |s - theta - d| <= ulp(s). The double rounding of bf16/fp16 is not covered by it;
+  tests/optim/test_hizoo.py measures the bound reached (ties, binade crossings) and never exceeded there either;
+- r = theta when theta + d stays in theta's binade and is no tie (in bf16/fp16: not rounded onto one in fp32);
+  at a tie an odd theta comes back as its even neighbour, one ulp off;
+- 0 comes back as +0 (-0 too), so zero-initialised weights (LoRA B, biases) stay bit-exact: 0 wins when it maps to s.
+  That check costs two passes, so it runs only on chunks that held a zero at theta (read in the step's first sweep);
+  elsewhere the rare tiny theta that also maps to s comes back as round(s - d), within the first bound;
+- a step makes two round trips (to theta + d and back, then to theta - d and back from where the first ended), so a
+  step that leaves theta alone (lr = 0, or skipped) returns within ulp(s+) + ulp(s-) of theta, s+- = round(theta +- d):
+  up to two ulps, not one (bf16 and fp16 measure 1.23 ulp of max(|s+|, |s-|), about |theta| + |d|).
+
+About 8% of N(0, 0.02) weights come back off per step at eps = 1e-3 (by the bounds above), against 46% for the
 reference's +d, -2d, +d. Every sweep is deterministic, so the step log replays a run bit for bit.
 
 Speed. Drawing z dominates a full-parameter step on CPU (torch's normal_ runs on one thread per generator), so the

@@ -357,3 +357,49 @@ def test_step_returns_the_closure_loss():
 
     assert torch.equal(opt.step(closure), before)
     assert opt.step() is None
+
+
+def one_accumulated_step(ids, sizes, **hyper):
+    """A fresh model's first per-sample AdaFish step over ids split into micro-batches, as the trainer runs it."""
+    model = lora_llama()
+    model.train()
+    opt = AdaFish.from_model(model, fisher="per_sample", **hyper)
+    lora = {n: p for n, p in model.named_parameters() if ".lora_" in n}
+    before = {n: p.detach().clone() for n, p in lora.items()}
+    for chunk in ids.split(sizes):
+        loss = model(input_ids=chunk, labels=chunk).loss / len(sizes)  # trainer: loss / accumulation
+        loss.backward()
+    opt.step()
+    opt.fisher_hooks.remove()
+    fisher = {n: opt.state[p]["fisher"] for n, p in lora.items()}
+    return fisher, {n: p.detach() - before[n] for n, p in lora.items()}
+
+
+def test_per_sample_fisher_does_not_depend_on_the_accumulation_split():
+    """A batch of 4 and its splits 2 x 2, 4 x 1, 3 + 1 hold the same examples: same Fisher; equal splits, same step."""
+    ids = torch.randint(0, 128, (4, 7), generator=torch.Generator().manual_seed(4))
+    fisher, update = one_accumulated_step(ids, [4], lr=1e-2)
+    for sizes in ([2, 2], [1, 1, 1, 1], [3, 1]):
+        split_fisher, split_update = one_accumulated_step(ids, sizes, lr=1e-2)
+        for name, f in fisher.items():
+            torch.testing.assert_close(split_fisher[name], f, rtol=1e-5, atol=1e-6 * f.abs().max().item())
+            if len(set(sizes)) == 1:  # unequal micro-batches weight their examples unequally in the gradient itself
+                scale = update[name].abs().max().item()
+                torch.testing.assert_close(split_update[name], update[name], rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_zero_grad_drops_the_per_sample_statistics_of_a_skipped_step():
+    """The trainer skips step() on a non-finite loss but still calls zero_grad(): that backward must not leak."""
+    ids = torch.randint(0, 128, (4, 7), generator=torch.Generator().manual_seed(5))
+    expected, _ = one_accumulated_step(ids[2:], [2], lr=1e-2)
+    model = lora_llama()
+    model.train()
+    opt = AdaFish.from_model(model, fisher="per_sample", lr=1e-2)
+    model(input_ids=ids[:2], labels=ids[:2]).loss.backward()  # the skipped step's backward
+    opt.zero_grad(set_to_none=True)
+    model(input_ids=ids[2:], labels=ids[2:]).loss.backward()
+    opt.step()
+    for name, p in model.named_parameters():
+        if ".lora_" in name:
+            torch.testing.assert_close(opt.state[p]["fisher"], expected[name], rtol=1e-5, atol=0.0)
+    opt.fisher_hooks.remove()

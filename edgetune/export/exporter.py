@@ -1,0 +1,85 @@
+"""``edgetune export``: a finished run as a merged Hugging Face folder, an ONNX file, or both, from one merge.
+
+Every destination is checked before any model is loaded, so a typo costs seconds, not a merge; each output is
+written to a staging path and moved into place only after its checks pass.
+"""
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgetune.errors import EdgetuneError
+from edgetune.export.finished_run import open_finished_run
+from edgetune.export.merge import MergedExport, check_dtype, merge_run, write_merged
+from edgetune.export.onnx_export import OnnxExport, check_onnx_model_type, check_onnx_path, write_onnx
+from edgetune.export.staged_output import check_destination
+from edgetune.plan.sources import read_config_dict, resolve_model
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What ``export`` wrote: the merged folder, the ONNX file, or both (None for the one not asked for)."""
+
+    run_dir: Path
+    strategy: str
+    merged: MergedExport | None
+    onnx: OnnxExport | None
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "run_dir": str(self.run_dir),
+            "strategy": self.strategy,
+            "merged": self.merged.to_dict() if self.merged else None,
+            "onnx": self.onnx.to_dict() if self.onnx else None,
+        }
+
+
+def export(
+    run_dir: str | Path,
+    *,
+    merged_dir: str | Path | None = None,
+    onnx_path: str | Path | None = None,
+    dtype: str = "bf16",
+    overwrite: bool = False,
+    external_data: bool | None = None,
+    on_event: Callable[[str], None] | None = None,
+) -> ExportResult:
+    """Export what ``edgetune train`` produced in ``run_dir``.
+
+    Args:
+        run_dir: an ``edgetune train`` output folder.
+        merged_dir: write the merged model here as a Hugging Face folder (safetensors, config, tokenizer).
+        onnx_path: write an ONNX graph (input ids and attention mask to logits) here, verified with onnxruntime.
+        dtype: the merged folder's weights: ``bf16`` (default), ``fp16`` or ``fp32``. ONNX is always float32.
+        overwrite: replace existing outputs (only once the new ones passed their checks).
+        external_data: ONNX weights in a ``.data`` file next to the graph; None decides by size.
+        on_event: called with one-line progress messages.
+
+    Raises:
+        EdgetuneError: nothing asked for, a bad run folder, an output that exists without ``overwrite``, an
+            unsupported model type, or a failed numeric check.
+    """
+    if merged_dir is None and onnx_path is None:
+        raise EdgetuneError("nothing to export", "pass --merged OUT_DIR, --onnx OUT.onnx, or both")
+    check_dtype(dtype)
+    run = open_finished_run(run_dir)
+    targets = [Path(p) for p in (merged_dir, onnx_path) if p is not None]
+    if len(targets) == 2 and targets[0].resolve() == targets[1].resolve():
+        raise EdgetuneError("--merged and --onnx name the same path", "give each output its own path")
+    for target in targets:
+        check_destination(target, overwrite=overwrite, protected=run.run_dir)
+    if onnx_path is not None:
+        check_onnx_path(Path(onnx_path))
+        source = resolve_model(run.model_name, on_event=on_event)
+        check_onnx_model_type(str(read_config_dict(source.config_file)["model_type"]))
+    merged = merge_run(run, on_event)
+    merged_result = write_merged(merged, Path(merged_dir), dtype, on_event) if merged_dir is not None else None
+    onnx_result = (
+        write_onnx(merged, Path(onnx_path), external_data=external_data, on_event=on_event)
+        if onnx_path is not None
+        else None
+    )
+    return ExportResult(run.run_dir, run.strategy.name, merged_result, onnx_result)

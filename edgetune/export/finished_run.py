@@ -1,0 +1,118 @@
+"""Reading a finished run folder back: which base, which strategy, and the trained weights, all checked.
+
+The exporters start here, so every way a folder can be unusable (not a run, unfinished, a damaged adapter, a
+base model that changed since training) ends in one ``EdgetuneError`` that names the folder and the fix.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgetune.errors import EdgetuneError
+from edgetune.plan.sources import ModelSource
+from edgetune.plan.strategies import Strategy, get_strategy
+from edgetune.train.run_folder import RUN_FILE, architecture_hash
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+@dataclass(frozen=True)
+class FinishedRun:
+    """A run folder whose result can be loaded.
+
+    Attributes:
+        run_dir: the folder.
+        model_name: the ``model.name`` the run trained (an alias, a folder or a hub id).
+        strategy: the strategy of the saved weights (the last one, if an out-of-memory fallback changed it).
+        weights_dir: ``adapter/`` (LoRA runs, peft format) or ``model/`` (full-parameter runs).
+        architecture: the hash of the base's config.json recorded when the run started.
+    """
+
+    run_dir: Path
+    model_name: str
+    strategy: Strategy
+    weights_dir: Path
+    architecture: str
+
+    @property
+    def is_lora(self) -> bool:
+        return self.strategy.lora
+
+
+def open_finished_run(path: str | Path) -> FinishedRun:
+    """Check a run folder and describe what it produced.
+
+    Raises:
+        EdgetuneError: not a folder, not an edgetune run, no saved result, or a missing or damaged adapter.
+    """
+    run_dir = Path(path)
+    if not run_dir.is_dir():
+        raise EdgetuneError(f"{run_dir} is not a folder", "pass the output folder of an `edgetune train` run")
+    identity = _read_json(run_dir / RUN_FILE, run_dir).get("identity")
+    if not isinstance(identity, dict) or not {"model", "strategy", "architecture"} <= set(identity):
+        raise EdgetuneError(
+            f"{run_dir / RUN_FILE} does not describe an edgetune run", "pass the output folder of `edgetune train`"
+        )
+    summary_file = run_dir / "summary.json"
+    summary = _read_json(summary_file, run_dir) if summary_file.is_file() else {}
+    strategy = get_strategy(str(summary.get("strategy") or identity["strategy"]))
+    weights_dir = run_dir / ("adapter" if strategy.lora else "model")
+    if not weights_dir.is_dir():
+        raise EdgetuneError(
+            f"{run_dir} has no {weights_dir.name}/ folder, so its training did not finish",
+            f"finish it with `edgetune train --resume {run_dir}`",
+        )
+    if strategy.lora:
+        _check_adapter(weights_dir, run_dir)
+    return FinishedRun(run_dir, str(identity["model"]), strategy, weights_dir, str(identity["architecture"]))
+
+
+def check_same_base(run: FinishedRun, source: ModelSource) -> None:
+    """Refuse a base whose config changed since training: the adapters would be merged into another model.
+
+    Raises:
+        EdgetuneError: the config.json hash differs from the one the run recorded.
+    """
+    if architecture_hash(source) != run.architecture:
+        raise EdgetuneError(
+            f"the base model {run.model_name} ({source.path}) is not the one {run.run_dir} was trained on "
+            "(its config.json changed)",
+            "restore the original model folder, or train again on the new one",
+        )
+
+
+def _read_json(path: Path, run_dir: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise EdgetuneError(
+            f"{run_dir} is not an edgetune run folder (no {path.name})", "pass the output folder of `edgetune train`"
+        )
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise EdgetuneError(f"{path} is damaged ({exc})", "pass an intact run folder, or train again") from exc
+    if not isinstance(value, dict):
+        raise EdgetuneError(f"{path} is damaged (not a JSON object)", "pass an intact run folder, or train again")
+    return value
+
+
+def _check_adapter(adapter_dir: Path, run_dir: Path) -> None:
+    from safetensors import SafetensorError, safe_open
+
+    fix = f"retrain, or resume the run from its last checkpoint: `edgetune train --resume {run_dir}`"
+    missing = [name for name in ADAPTER_FILES if not (adapter_dir / name).is_file()]
+    if missing:
+        raise EdgetuneError(f"the adapter in {adapter_dir} is incomplete (no {', '.join(missing)})", fix)
+    config = _read_json(adapter_dir / "adapter_config.json", run_dir)
+    if config.get("peft_type") != "LORA":
+        raise EdgetuneError(f"{adapter_dir / 'adapter_config.json'} is not a LoRA adapter config", fix)
+    weights = adapter_dir / "adapter_model.safetensors"
+    try:
+        with safe_open(weights, framework="pt") as handle:
+            names = list(handle.keys())
+            for name in names:  # reads every tensor: a truncated file fails here, not halfway through a merge
+                handle.get_tensor(name)
+    except (SafetensorError, OSError, RuntimeError) as exc:
+        raise EdgetuneError(f"the adapter file {weights} is damaged ({str(exc).splitlines()[0]})", fix) from exc
+    if not any("lora_A" in name for name in names):
+        raise EdgetuneError(f"the adapter file {weights} holds no LoRA weights", fix)

@@ -1,0 +1,102 @@
+"""From sized strategies to a decision (pure): the plan of a run, the strategy it recommends, the one a run uses.
+
+The recommendation follows one rule: walk ``strategies.LADDER`` from the fastest-converging strategy (AdaFish) to
+the leanest (HiZOO on a 4-bit base) and take the first whose total fits the usable memory. ``decide`` turns a plan
+into the strategy a training run uses: the recommendation, or the strategy the config names when it fits (or
+when the user forces it).
+"""
+
+from dataclasses import dataclass
+
+from edgetune.errors import EdgetuneError
+from edgetune.plan.budget import Budget, StrategyPlan, levers, size
+from edgetune.plan.components import RunShape
+from edgetune.plan.inventory import ModelSpec
+from edgetune.plan.report import PlanResult
+from edgetune.plan.strategies import LADDER, STRATEGIES, Strategy
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The strategy a run uses, why, and its sized plan (what the trainer reports as planned)."""
+
+    strategy: Strategy
+    reason: str
+    sized: StrategyPlan
+
+
+def plan_run(
+    model: str, spec: ModelSpec, run: RunShape, budget: Budget, strategies: tuple[str, ...] | None = None
+) -> PlanResult:
+    """Size ``strategies`` (default: all) for a model and run shape against a budget, and recommend one.
+
+    Raises:
+        EdgetuneError: a strategy name is unknown, or no LoRA target matches the model.
+    """
+    chosen = strategies or tuple(STRATEGIES)
+    unknown = [name for name in chosen if name not in STRATEGIES]
+    if unknown:
+        raise EdgetuneError(f"unknown strategy {unknown[0]!r}", f"use one of {', '.join(STRATEGIES)}")
+    plans = {name: size(spec, STRATEGIES[name], run, budget) for name in chosen}
+    recommended = recommend(plans)
+    warnings = []
+    if spec.max_positions and run.seq_len > spec.max_positions:
+        warnings.append(f"seq_len {run.seq_len} exceeds the model's {spec.max_positions} positions; planned anyway")
+    return PlanResult(
+        model=model,
+        spec=spec,
+        run=run,
+        budget=budget,
+        plans=plans,
+        recommended=recommended,
+        reason=ladder_reason(recommended, plans),
+        levers=[] if recommended else levers(spec, run, budget),
+        warnings=warnings,
+    )
+
+
+def recommend(plans: dict[str, StrategyPlan]) -> str | None:
+    """The first strategy of the ladder that fits, or None."""
+    return next((name for name in LADDER if name in plans and plans[name].fits), None)
+
+
+def ladder_reason(recommended: str | None, plans: dict[str, StrategyPlan]) -> str:
+    """Why the recommendation was made, in one sentence."""
+    if recommended is None:
+        return "no strategy of the ladder fits; the changes below would reduce the leanest one"
+    skipped = [name for name in LADDER[: LADDER.index(recommended)] if name in plans]
+    if not skipped:
+        return "the fastest-converging strategy fits with margin"
+    return f"the fastest-converging strategy that fits ({', '.join(skipped)} would not)"
+
+
+def decide(result: PlanResult, requested: str | None, *, force: bool = False) -> Decision:
+    """The strategy a run uses: ``requested`` when it fits (or ``force``), else the plan's recommendation.
+
+    Raises:
+        EdgetuneError: the sequence is longer than the model allows, nothing fits, or the requested strategy does
+            not fit and ``force`` is off (each message says what to change).
+    """
+    spec, run = result.spec, result.run
+    if spec.max_positions and run.seq_len > spec.max_positions:
+        raise EdgetuneError(
+            f"data.seq_len={run.seq_len} is longer than the model's {spec.max_positions} positions",
+            f"set data.seq_len to at most {spec.max_positions}",
+        )
+    if requested is None:
+        if result.recommended is None:
+            hints = "; ".join(lever.change for lever in result.levers[:2])
+            raise EdgetuneError("no strategy fits the memory available", f"try: {hints}")
+        chosen = result.recommended
+        return Decision(STRATEGIES[chosen], f"recommended by the plan: {result.reason}", result.plans[chosen])
+    if requested not in result.plans:
+        raise EdgetuneError(f"unknown strategy {requested!r}", f"use one of {', '.join(result.plans)}")
+    sized = result.plans[requested]
+    if not sized.fits and not force:
+        usable = max(result.budget.usable_bytes, 0) / 2**30
+        raise EdgetuneError(
+            f"strategy {requested} needs {sized.total_bytes / 2**30:.2f} GiB but {usable:.2f} GiB is usable "
+            f"after the safety margin ({result.budget.source})",
+            f"pick {result.recommended or 'a smaller setting'} or pass train.force=true to try anyway",
+        )
+    return Decision(STRATEGIES[requested], "chosen in the config", sized)

@@ -1,0 +1,218 @@
+"""The fine-tuning strategies edgetune sizes and runs, as data: one table, two shapes, no class hierarchy.
+
+A strategy fixes the base precision, what is trained (LoRA adapters or every parameter), the optimizer and
+whether decoder layers are recomputed in backward. Each of those is a field, so code asks ``strategy.checkpointing``
+instead of reading a name. Turning a strategy into an optimizer and a step is the train wing's job
+(``edgetune.train.step``), so the planner, the trainer and ``edgetune probe`` agree on what one step is.
+"""
+
+from dataclasses import dataclass
+from typing import Literal
+
+from edgetune.errors import EdgetuneError
+
+Precision = Literal["fp32", "bf16", "nf4"]
+PRECISIONS: tuple[Precision, ...] = ("fp32", "bf16", "nf4")
+BackpropOptimizer = Literal["adafish", "scaled_adamw", "adamw"]
+# Every linear of a Llama-style block; "all-linear" in peft terms minus the head.
+DEFAULT_LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# peft's name for "every linear layer except the output head"; accepted as the only entry of a target list.
+ALL_LINEAR = "all-linear"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Backprop:
+    """Gradient-based training: LoRA adapters or all parameters, one optimizer, optional checkpointing.
+
+    Attributes:
+        name: the key in ``STRATEGIES`` and in ``edgetune plan``'s table.
+        optimizer: adafish, scaled_adamw or adamw (torch's).
+        base: precision the base weights are loaded in.
+        lora: train LoRA adapters over a frozen base (else every parameter).
+        checkpointing: recompute each decoder layer in backward instead of keeping its activations.
+        default_lr: the learning rate used when the config leaves ``train.lr`` empty.
+        summary: one line for the plan's JSON and the docs.
+    """
+
+    name: str
+    optimizer: BackpropOptimizer
+    base: Precision
+    lora: bool
+    checkpointing: bool
+    default_lr: float
+    summary: str
+
+    @property
+    def needs_backward(self) -> bool:
+        return True
+
+
+@dataclass(frozen=True, kw_only=True)
+class ZerothOrder:
+    """Forward-only training with seeded in-place perturbations (HiZOO with the Hessian, MeZO without).
+
+    Attributes:
+        name: the key in ``STRATEGIES``.
+        hessian: HiZOO's diagonal Hessian (three forwards per step) or plain MeZO (two).
+        base: precision the base weights are loaded in.
+        lora: perturb LoRA adapters over a frozen base (else every parameter).
+        default_lr: the learning rate used when the config leaves ``train.lr`` empty.
+        summary: one line for the plan's JSON and the docs.
+    """
+
+    name: str
+    hessian: bool
+    base: Precision
+    lora: bool
+    default_lr: float
+    summary: str
+
+    @property
+    def optimizer(self) -> str:
+        return "hizoo" if self.hessian else "mezo"
+
+    @property
+    def checkpointing(self) -> bool:
+        return False  # no backward pass, so nothing to recompute
+
+    @property
+    def needs_backward(self) -> bool:
+        return False
+
+    @property
+    def forwards_per_step(self) -> int:
+        return 3 if self.hessian else 2
+
+
+Strategy = Backprop | ZerothOrder
+
+STRATEGIES: dict[str, Strategy] = {
+    s.name: s
+    for s in (
+        Backprop(
+            name="adafish-lora",
+            optimizer="adafish",
+            base="bf16",
+            lora=True,
+            checkpointing=False,
+            default_lr=1e-3,
+            summary="AdaFish on LoRA over a bf16 base, activations kept",
+        ),
+        Backprop(
+            name="adafish-lora-gc",
+            optimizer="adafish",
+            base="bf16",
+            lora=True,
+            checkpointing=True,
+            default_lr=1e-3,
+            summary="AdaFish on LoRA over a bf16 base, gradient checkpointing",
+        ),
+        Backprop(
+            name="scaled-adamw-qlora-gc",
+            optimizer="scaled_adamw",
+            base="nf4",
+            lora=True,
+            checkpointing=True,
+            default_lr=3e-4,
+            summary="ScaledAdamW on LoRA over a 4-bit NF4 base (QLoRA), gradient checkpointing",
+        ),
+        ZerothOrder(
+            name="hizoo-qlora",
+            hessian=True,
+            base="nf4",
+            lora=True,
+            default_lr=1e-4,
+            summary="HiZOO (forward-only) on LoRA over an NF4 base",
+        ),
+        ZerothOrder(
+            name="mezo-qlora",
+            hessian=False,
+            base="nf4",
+            lora=True,
+            default_lr=1e-4,
+            summary="MeZO (forward-only) on LoRA over an NF4 base",
+        ),
+        ZerothOrder(
+            name="hizoo-full",
+            hessian=True,
+            base="bf16",
+            lora=False,
+            default_lr=1e-6,
+            summary="HiZOO (forward-only) on every bf16 parameter",
+        ),
+        ZerothOrder(
+            name="mezo-full",
+            hessian=False,
+            base="bf16",
+            lora=False,
+            default_lr=1e-6,
+            summary="MeZO (forward-only) on every bf16 parameter",
+        ),
+        Backprop(
+            name="adamw-lora-gc",
+            optimizer="adamw",
+            base="bf16",
+            lora=True,
+            checkpointing=True,
+            default_lr=3e-4,
+            summary="baseline: torch AdamW on LoRA over a bf16 base, gradient checkpointing",
+        ),
+        Backprop(
+            name="adamw-full-gc",
+            optimizer="adamw",
+            base="bf16",
+            lora=False,
+            checkpointing=True,
+            default_lr=2e-5,
+            summary="baseline: full fine-tuning with torch AdamW in bf16, gradient checkpointing",
+        ),
+    )
+}
+
+# The recommendation rule walks this ladder from the fastest-converging strategy to the one that needs least
+# memory and takes the first that fits with margin.
+LADDER: tuple[str, ...] = ("adafish-lora", "adafish-lora-gc", "scaled-adamw-qlora-gc", "hizoo-qlora")
+
+
+def get_strategy(name: str) -> Strategy:
+    """Look a strategy up by name.
+
+    Raises:
+        EdgetuneError: unknown name (the message lists the known ones).
+    """
+    try:
+        return STRATEGIES[name]
+    except KeyError:
+        raise EdgetuneError(f"unknown strategy {name!r}", f"use one of {', '.join(STRATEGIES)}") from None
+
+
+def with_checkpointing(strategy: Strategy) -> Strategy | None:
+    """The strategy that trains like ``strategy`` but recomputes activations, if the table has one."""
+    if not strategy.needs_backward or strategy.checkpointing:
+        return None
+    return next(
+        (
+            s
+            for s in STRATEGIES.values()
+            if s.needs_backward
+            and s.checkpointing
+            and (s.optimizer, s.base, s.lora) == (strategy.optimizer, strategy.base, strategy.lora)
+        ),
+        None,
+    )
+
+
+def resolve_targets(targets: tuple[str, ...], linear_names: list[str]) -> tuple[str, ...]:
+    """The module names LoRA adapts: ``targets`` as given, or every decoder linear for ``("all-linear",)``.
+
+    Raises:
+        EdgetuneError: "all-linear" is mixed with other names.
+    """
+    if ALL_LINEAR not in targets:
+        return targets
+    if len(targets) != 1:
+        raise EdgetuneError(
+            f"lora.targets={list(targets)} mixes {ALL_LINEAR} with module names",
+            f"use [{ALL_LINEAR}] alone, or list the module names",
+        )
+    return tuple(linear_names)

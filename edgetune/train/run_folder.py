@@ -1,0 +1,162 @@
+"""The run folder: who owns it, what the run produced, and the summary a person reads afterwards.
+
+A run folder holds ``run.json`` (the identity of the run: model, strategy, adapter shape), ``steps.jsonl``,
+``checkpoints/``, the result (``adapter/`` in peft format, or ``model/`` for full-parameter runs), ``summary.json``
+and ``memory.png``. edgetune never writes into a folder that holds something else, so nothing is overwritten
+by accident.
+"""
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from edgetune.errors import EdgetuneError
+
+RUN_FILE = "run.json"
+OWNED = ("checkpoints", "steps.jsonl", "events.jsonl", "adapter", "model", "summary.json", "memory.png", RUN_FILE)
+
+
+def run_identity(config, source, strategy) -> dict[str, str]:
+    """What a checkpoint must match to be resumed: model, its architecture, strategy and adapter shape."""
+    identity = {
+        "model": config.model.name,
+        "architecture": architecture_hash(source),
+        "strategy": strategy.name,
+        "seq_len": str(config.data.seq_len),
+    }
+    if strategy.lora:
+        identity["lora"] = f"r={config.lora.rank} alpha={config.lora.alpha} targets={','.join(config.lora.targets)}"
+    return identity
+
+
+def architecture_hash(source) -> str:
+    """A short hash of the base's config.json: what a run, its checkpoints and its exports must agree on."""
+    return hashlib.sha256(source.config_file.read_bytes()).hexdigest()[:16]
+
+
+def prepare_run_dir(path: Path, identity: dict[str, str], *, resume: bool, overwrite: bool) -> Path:
+    """Create or reopen a run folder, refusing anything that would mix or overwrite runs.
+
+    Raises:
+        EdgetuneError: the folder is not writable, holds another run, holds this run without ``resume``, or is a
+            non-empty folder that edgetune did not create.
+    """
+    if path.exists() and not path.is_dir():
+        raise EdgetuneError(f"output folder {path} is a file", "set output.dir to a folder path")
+    marker = path / RUN_FILE
+    existing = json.loads(marker.read_text()) if marker.is_file() else None
+    if resume:
+        if existing is None:
+            raise EdgetuneError(
+                f"{path} is not an edgetune run folder (no {RUN_FILE})",
+                "pass the output folder of an earlier `edgetune train`, or drop --resume",
+            )
+        _require_same(path, existing.get("identity", {}), identity)
+        return path
+    if existing is not None and not overwrite:
+        same = existing.get("identity") == identity
+        raise EdgetuneError(
+            f"{path} already holds {'this' if same else 'a different'} run ({existing['identity']['strategy']} on "
+            f"{existing['identity']['model']})",
+            "resume it with --resume, set output.dir to a new folder, or set output.overwrite=true to replace it"
+            if same
+            else "set output.dir to a new folder, or output.overwrite=true to replace it",
+        )
+    if existing is None and path.exists() and any(path.iterdir()):
+        raise EdgetuneError(f"{path} is not empty and is not an edgetune run", "set output.dir to a new folder")
+    if existing is not None:
+        for name in OWNED:
+            target = path / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    _ensure_writable(path)
+    marker.write_text(json.dumps({"identity": identity, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2))
+    return path
+
+
+def _require_same(path: Path, found: dict[str, str], identity: dict[str, str]) -> None:
+    # The strategy and the model are what people change by mistake; name them first.
+    order = ["strategy", "model", *sorted(set(found) | set(identity))]
+    different = [key for key in dict.fromkeys(order) if found.get(key) != identity.get(key)]
+    if different:
+        key = different[0]
+        raise EdgetuneError(
+            f"{path} holds a run with {key}={found.get(key)!r}, not {identity.get(key)!r}",
+            "resume with the same config, or start a new run in another output.dir",
+        )
+
+
+def _ensure_writable(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".edgetune-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise EdgetuneError(f"cannot write to {path} ({exc.strerror})", "set output.dir to a writable folder") from exc
+
+
+def save_result_weights(run_dir: Path, model: torch.nn.Module, strategy, tokenizer) -> Path:
+    """Adapters in peft format (``PeftModel.from_pretrained`` loads them), or the whole changed model."""
+    target = run_dir / ("adapter" if strategy.lora else "model")
+    staging = run_dir / f".{target.name}-partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    if target.exists():
+        shutil.rmtree(target)
+    staging.rename(target)
+    return target
+
+
+def write_summary(run_dir: Path, result) -> None:
+    """``summary.json`` (plan versus measured, losses, status) and the memory timeline ``memory.png``."""
+    summary = {
+        "strategy": result.strategy,
+        "why": result.strategy_reason,
+        "status": result.status,
+        "steps_done": result.steps_done,
+        "skipped_steps": result.skipped_steps,
+        "val_loss_before": result.val_loss_before,
+        "val_loss_after": result.val_loss_after,
+        "output_dir": str(result.output_dir),
+        "planned_peak_bytes": result.planned_peak_bytes,
+        "measured_peak_bytes": result.measured_peak_bytes,
+        "planned_components": result.planned_components,
+        "adaptations": result.adaptations,
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    plot_memory_timeline(run_dir / "steps.jsonl", run_dir / "memory.png", result.planned_peak_bytes)
+
+
+def plot_memory_timeline(log_path: Path, image_path: Path, planned_peak_bytes: int) -> None:
+    """Resident + step peak, and RSS or reserved memory, per step, against the planned peak.
+
+    Drawn on a ``matplotlib.figure.Figure`` of its own and saved through the Agg canvas, never through pyplot: an
+    application that embeds edgetune keeps its plotting backend and its open figures.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.is_file() else []
+    if not rows:
+        return
+    steps = [row["step"] for row in rows]
+    mib = 2**20
+    tracked = [(row["memory"]["resident_bytes"] + row["memory"]["step_peak_bytes"]) / mib for row in rows]
+    figure = Figure(figsize=(8, 4), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    axes.plot(steps, tracked, label="tensors at the step's peak (resident + step)")
+    other = "reserved_bytes" if "reserved_bytes" in rows[0]["memory"] else "peak_rss_bytes"
+    axes.plot(steps, [row["memory"][other] / mib for row in rows], label=other.replace("_bytes", "").replace("_", " "))
+    axes.axhline(planned_peak_bytes / mib, linestyle="--", color="grey", label="planned peak")
+    axes.set_xlabel("step")
+    axes.set_ylabel("MiB")
+    axes.set_title("edgetune memory timeline")
+    axes.legend(loc="lower right")
+    figure.tight_layout()
+    figure.savefig(image_path)

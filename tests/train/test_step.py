@@ -1,0 +1,95 @@
+import copy
+
+import pytest
+import torch
+from conftest import tiny_llama_config
+from transformers import LlamaForCausalLM
+
+from edgetune.plan.strategies import STRATEGIES
+from edgetune.train.loading import LoraSettings, attach_lora
+from edgetune.train.step import OptimizerSettings, make_optimizer, run_step
+
+
+def lora_model(dropout: float, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = attach_lora(LlamaForCausalLM(tiny_llama_config()), LoraSettings(rank=4, dropout=dropout))
+    with torch.no_grad():  # non-zero B factors, so the adapters (and their dropout) change the loss
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5)
+    return model.train()
+
+
+def batch(seed: int = 1, size: int = 4) -> dict[str, torch.Tensor]:
+    ids = torch.randint(0, 128, (size, 16), generator=torch.Generator().manual_seed(seed))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+
+def trainable(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("name", ["hizoo-qlora", "mezo-qlora"])
+def test_forward_only_steps_see_no_dropout(name):
+    """The perturbed losses of one step must come from one network: with dropout in train mode they did not."""
+    strategy = STRATEGIES[name]
+    settings = OptimizerSettings(lr=1e-2, zo_eps=1e-3, seed=3)
+    with_dropout, without = lora_model(0.1), lora_model(0.0)
+    outcomes = []
+    for model in (with_dropout, without):
+        optimizer = make_optimizer(strategy, model, settings)
+        outcomes.append(run_step(strategy, model, optimizer, [batch()]))
+        assert model.training  # the step restores the mode it found
+    assert outcomes[0].loss == outcomes[1].loss
+    after_with, after_without = trainable(with_dropout), trainable(without)
+    assert all(torch.equal(after_with[n], after_without[n]) for n in after_without)
+
+
+def test_accumulated_micro_batches_step_like_one_batch():
+    strategy = STRATEGIES["adamw-lora-gc"]
+    whole, split = lora_model(0.0), lora_model(0.0)
+    full = batch(size=4)
+    halves = [{k: v[:2] for k, v in full.items()}, {k: v[2:] for k, v in full.items()}]
+    one = run_step(strategy, whole, make_optimizer(strategy, whole), [full])
+    two = run_step(strategy, split, make_optimizer(strategy, split), halves)
+    assert two.loss == pytest.approx(one.loss, rel=1e-6)
+    assert two.grad_norm == pytest.approx(one.grad_norm, rel=1e-5)
+    assert two.tokens == one.tokens == 64
+    a, b = trainable(whole), trainable(split)
+    assert all(torch.allclose(a[n], b[n], atol=1e-6) for n in a)
+
+
+def test_clipping_scales_the_update_to_the_norm_limit_and_logs_the_norm_before_it():
+    strategy = STRATEGIES["adamw-lora-gc"]
+    model = lora_model(0.0)
+    reference = copy.deepcopy(model)
+    sgd = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    before = trainable(model)
+    outcome = run_step(strategy, model, sgd, [batch()], max_grad_norm=1e-3)
+    loss = reference(**batch()).loss
+    loss.backward()
+    grads = [p.grad for p in reference.parameters() if p.requires_grad]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    assert outcome.grad_norm == pytest.approx(float(norm), rel=1e-5) and outcome.grad_norm > 1e-3
+    moved = torch.linalg.vector_norm(torch.cat([(before[n] - p).flatten() for n, p in trainable(model).items()]))
+    assert float(moved) == pytest.approx(1e-3, rel=1e-4)  # SGD at lr 1 moves by exactly the clipped gradient
+
+
+def test_no_update_leaves_the_weights_and_releases_the_gradients():
+    strategy = STRATEGIES["adafish-lora"]
+    model = lora_model(0.0)
+    before = trainable(model)
+    outcome = run_step(strategy, model, make_optimizer(strategy, model), [batch()], update=False)
+    assert outcome.grad_norm > 0 and not outcome.skipped
+    assert all(torch.equal(before[n], p) for n, p in trainable(model).items())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_optimizer_settings_reach_every_optimizer():
+    settings = OptimizerSettings(lr=0.5, weight_decay=0.25, zo_eps=2e-3, seed=7)
+    for name in ("adafish-lora", "scaled-adamw-qlora-gc", "adamw-lora-gc", "hizoo-qlora"):
+        optimizer = make_optimizer(STRATEGIES[name], lora_model(0.0), settings)
+        group = optimizer.param_groups[0]
+        assert (group["lr"], group["weight_decay"]) == (0.5, 0.25), name
+    zeroth = make_optimizer(STRATEGIES["mezo-qlora"], lora_model(0.0), settings)
+    assert zeroth.eps == 2e-3 and not zeroth.hessian and zeroth.state["base_seed"] == 7
