@@ -28,7 +28,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.overrides = [*args.overrides, *extra]
         elif extra:
             parser.parse_args(argv)
-    except SystemExit as exc:  # argparse exits on --help (0) and on usage errors (2)
+    except _UsageError as exc:
+        print(f"edgetune: error: {exc.problem}; see `{exc.prog} --help`", file=sys.stderr)
+        return EXIT_USAGE
+    except SystemExit as exc:  # argparse exits on --help and --version (0)
         return int(exc.code or 0)
     _configure_output(args.debug)
     try:
@@ -43,15 +46,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+class _UsageError(Exception):
+    def __init__(self, problem: str, prog: str) -> None:
+        super().__init__(problem)
+        self.problem, self.prog = problem, prog
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (``edgetune: error: ...; see ... --help``), not the usage block."""
+
+    def error(self, message: str):  # noqa: D102 - argparse's hook
+        raise _UsageError(message, self.prog)
+
+
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="edgetune", description="Fine-tune language models in the memory of one consumer GPU, edge board or CPU."
     )
     parser.add_argument("--version", action="version", version=f"edgetune {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and library warnings")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # --debug is accepted before or after the subcommand; SUPPRESS keeps the subcommand from resetting it.
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     _add_devices(commands, common)
     _add_train(commands, common)
@@ -74,10 +90,10 @@ def _add_devices(commands: argparse._SubParsersAction, common: argparse.Argument
 def _run_devices(args: argparse.Namespace) -> int:
     from edgetune import api
 
-    if args.profiles or args.profile:
+    if args.profiles or args.profile is not None:
         from edgetune.plan.profiles import format_profiles_table
 
-        profiles = [api.device_profile(args.profile)] if args.profile else api.device_profiles()
+        profiles = [api.device_profile(args.profile)] if args.profile is not None else api.device_profiles()
         _emit(args.json, [p.to_dict() for p in profiles], lambda: format_profiles_table(profiles))
     else:
         from edgetune.plan.device import format_devices_table
@@ -124,11 +140,18 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(config.to_yaml(), end="")
         return 0
-    cancel = CancelToken()
+    cancel, received = CancelToken(), []
     previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
-    for signum in previous:
+
+    def on_signal(signum, _frame) -> None:
         # The first signal asks for a checkpoint at the next step boundary; a second one stops at once.
-        signal.signal(signum, lambda *_: cancel.cancel() if not cancel.cancelled else _hard_stop())
+        if cancel.cancelled:
+            _hard_stop()
+        received.append(signum)
+        cancel.cancel()
+
+    for signum in previous:
+        signal.signal(signum, on_signal)
     try:
         result = api.train(
             config, resume=args.resume is not None, on_step=progress.update, on_event=progress.message, cancel=cancel
@@ -141,6 +164,10 @@ def _run_train(args: argparse.Namespace) -> int:
         print(json.dumps(result.to_dict(), indent=2, default=str))
     else:
         print(train_summary(result))
+    if received and result.status == "cancelled":
+        # The shell convention for a job stopped by a signal (130 Ctrl-C, 143 SIGTERM), so that
+        # `edgetune train && edgetune export` does not export a half-trained model.
+        return 128 + received[0]
     return 0 if result.status in ("finished", "cancelled") else 1
 
 

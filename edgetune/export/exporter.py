@@ -11,10 +11,10 @@ from pathlib import Path
 
 from edgetune.errors import EdgetuneError
 from edgetune.export.finished_run import open_finished_run
-from edgetune.export.merge import MergedExport, check_dtype, merge_run, write_merged
+from edgetune.export.merge import EXPORT_FILE, MergedExport, check_dtype, merge_run, write_merged
 from edgetune.export.onnx_export import OnnxExport, check_onnx_model_type, check_onnx_path, write_onnx
 from edgetune.export.staged_output import check_destination
-from edgetune.plan.sources import read_config_dict, resolve_model
+from edgetune.plan.sources import cache_dir, read_config_dict, resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -69,11 +69,17 @@ def export(
     targets = [Path(p) for p in (merged_dir, onnx_path) if p is not None]
     if len(targets) == 2 and targets[0].resolve() == targets[1].resolve():
         raise EdgetuneError("--merged and --onnx name the same path", "give each output its own path")
-    for target in targets:
-        check_destination(target, overwrite=overwrite, protected=run.run_dir)
+    source = resolve_model(run.model_name, on_event=on_event)
+    protected = {
+        "the run folder": run.run_dir,
+        "the model cache": cache_dir(),
+        "the base model's folder": source.path if source.path.is_dir() else source.path.parent,
+    }
+    if merged_dir is not None:
+        check_destination(Path(merged_dir), overwrite=overwrite, protected=protected, record=EXPORT_FILE)
     if onnx_path is not None:
         check_onnx_path(Path(onnx_path))
-        source = resolve_model(run.model_name, on_event=on_event)
+        check_destination(Path(onnx_path), overwrite=overwrite, protected=protected, record=None)
         check_onnx_model_type(str(read_config_dict(source.config_file)["model_type"]))
     merged = merge_run(run, on_event)
     merged_result = write_merged(merged, Path(merged_dir), dtype, on_event) if merged_dir is not None else None

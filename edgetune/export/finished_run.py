@@ -5,6 +5,7 @@ base model that changed since training) ends in one ``EdgetuneError`` that names
 """
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from edgetune.plan.sources import ModelSource
 from edgetune.plan.strategies import Strategy, get_strategy
 from edgetune.train.run_folder import RUN_FILE, architecture_hash
 
+logger = logging.getLogger(__name__)
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
@@ -57,6 +59,16 @@ def open_finished_run(path: str | Path) -> FinishedRun:
     summary_file = run_dir / "summary.json"
     summary = _read_json(summary_file, run_dir) if summary_file.is_file() else {}
     strategy = get_strategy(str(summary.get("strategy") or identity["strategy"]))
+    status = summary.get("status", "finished")
+    if status != "finished":
+        logger.warning(
+            "%s ended %r after %s steps: the export holds that model, not a finished run's (finish it with "
+            "`edgetune train --resume %s`)",
+            run_dir,
+            status,
+            summary.get("steps_done", "?"),
+            run_dir,
+        )
     weights_dir = run_dir / ("adapter" if strategy.lora else "model")
     if not weights_dir.is_dir():
         raise EdgetuneError(

@@ -1,12 +1,14 @@
 """Writing an export so that a failure leaves nothing half-written and nothing the user had is lost.
 
 An export is written into a hidden staging path next to its destination, checked there, and only then renamed
-into place. An existing destination is refused unless the caller asked to overwrite it, and even then it is
-only removed after the new export passed its checks.
+into place. An existing destination is refused unless the caller asked to overwrite it and it is an earlier
+export (a folder holding edgetune's export record, or the file named), and even then it is only removed after the
+new export passed its checks.
 """
 
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,26 +16,53 @@ from pathlib import Path
 from edgetune.errors import EdgetuneError
 
 
-def check_destination(path: Path, *, overwrite: bool, protected: Path, flag: str = "--overwrite") -> None:
-    """Refuse a destination that exists (without ``overwrite``) or that would replace ``protected``.
+def check_destination(
+    path: Path, *, overwrite: bool, protected: dict[str, Path], record: str | None, flag: str = "--overwrite"
+) -> None:
+    """Refuse a destination that exists (without ``overwrite``), that is not an earlier export, or that would
+    replace a protected folder (the run, the model cache, the base model); check that it can be written.
+
+    Args:
+        path: the export's final path.
+        overwrite: the user asked to replace an existing export.
+        protected: folders the export must neither be inside of nor contain, by what they are ("the run folder").
+        record: for a folder export, the file every export folder holds; an existing folder without it is someone
+            else's data and is never replaced. None for a file export.
+        flag: the option that asks for overwriting, for the message.
 
     Raises:
-        EdgetuneError: the path exists and ``overwrite`` is false, it is or contains the protected folder, or its
-            parent folder cannot be created.
+        EdgetuneError: any of the above, or the parent folder cannot be created or written to.
     """
-    target, keep = path.resolve(), protected.resolve()
-    if target == keep or keep.is_relative_to(target) or target.is_relative_to(keep):
-        raise EdgetuneError(
-            f"{path} is inside or contains the run folder {protected}, which the export must not touch",
-            "write the export outside the run folder",
-        )
+    target = path.resolve()
+    for label, folder in protected.items():
+        keep = folder.resolve()
+        if target == keep or keep.is_relative_to(target) or target.is_relative_to(keep):
+            raise EdgetuneError(
+                f"{path} is inside or contains {label} {folder}, which the export must not touch",
+                "write the export to a folder of its own, outside the run and the model cache",
+            )
     if path.exists() or path.is_symlink():
         if not overwrite:
             raise EdgetuneError(f"{path} already exists", f"choose a new path, or pass {flag} to replace it")
+        _check_replaceable(path, record)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        # Checked now, before a merge that takes minutes: a folder where nothing can be written fails at once.
+        os.rmdir(tempfile.mkdtemp(prefix=".edgetune-write-test-", dir=path.parent))
     except OSError as exc:
-        raise EdgetuneError(f"cannot create the folder {path.parent} ({exc.strerror})", "choose another path") from exc
+        raise EdgetuneError(f"cannot write to {path.parent} ({exc.strerror})", "choose a writable path") from exc
+
+
+def _check_replaceable(path: Path, record: str | None) -> None:
+    if record is None:
+        if path.is_dir():
+            raise EdgetuneError(f"{path} is a folder, not a file edgetune exported", "choose a file path")
+        return
+    if not path.is_dir() or path.is_symlink() or not (path / record).is_file():
+        raise EdgetuneError(
+            f"{path} exists and is not an edgetune export (it has no {record})",
+            "choose a new path; --overwrite replaces only a folder an earlier `edgetune export` wrote",
+        )
 
 
 @contextmanager

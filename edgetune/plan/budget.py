@@ -22,6 +22,7 @@ MIN_MARGIN_BYTES = 300 * 1024**2
 # Python, torch, transformers and bitsandbytes loaded in a fresh process, before any tensor: 530-640 MiB of RSS
 # beyond tensor bytes in the tiny-model rows of `python bench/planner_measure.py --quick`.
 CPU_RUNTIME_BYTES = 600 * 1024**2
+MAX_BUDGET_BYTES = 2**50  # 1 PiB: far above any device, far below where float arithmetic loses bytes
 SLACK_DYNAMIC, SLACK_STATIC = 0.10, 0.05  # planner-model.md 6.8: fragmentation seen 3-23% on CUDA
 _UNITS = {
     "": 1,
@@ -82,9 +83,13 @@ def parse_bytes(text: str) -> int:
     """
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text or "")
     unit = match.group(2).lower() if match else None
+    shown = text if len(text or "") <= 40 else f"{text[:37]}..."
     if match is None or unit not in _UNITS or float(match.group(1)) <= 0:
-        raise EdgetuneError(f"budget {text!r} is not a memory size", "write it like 6GiB, 8GB, 7.5G or 6000MiB")
-    return round(float(match.group(1)) * _UNITS[unit])
+        raise EdgetuneError(f"budget {shown!r} is not a memory size", "write it like 6GiB, 8GB, 7.5G or 6000MiB")
+    size = float(match.group(1)) * _UNITS[unit]
+    if not size <= MAX_BUDGET_BYTES:  # also catches inf, which round() cannot take
+        raise EdgetuneError(f"budget {shown!r} is larger than any machine", "write a size up to 1 PiB, e.g. 24GiB")
+    return round(size)
 
 
 def overhead_rows(budget: Budget, sized: Estimate) -> tuple[Component, ...]:

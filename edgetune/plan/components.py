@@ -64,10 +64,12 @@ class RunShape:
     lora_targets: tuple[str, ...] = field(default=DEFAULT_LORA_TARGETS)
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "seq_len", "lora_rank"):
+        for name, most in (("batch_size", 2**20), ("seq_len", 2**24), ("lora_rank", 2**16)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise EdgetuneError(f"{name} must be a positive integer, got {value!r}", f"pass a {name} >= 1")
+            if value > most:
+                raise EdgetuneError(f"{name}={value:,} is beyond any run edgetune plans", f"pass a {name} <= {most:,}")
 
     @property
     def tokens(self) -> int:

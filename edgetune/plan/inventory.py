@@ -96,19 +96,51 @@ def inspect_config(data: dict[str, object], origin: str = "config") -> ModelSpec
     from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    _check_sizes(data, origin)
     fields = {key: value for key, value in data.items() if key != "model_type"}
     # transformers validates configs through huggingface_hub's strict dataclasses, whose errors are not ValueErrors.
     try:
         config = AutoConfig.for_model(str(data["model_type"]), **fields)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
-    except (ValueError, TypeError, KeyError, AttributeError, StrictDataclassError) as exc:
+    except (
+        ValueError,
+        TypeError,
+        KeyError,
+        AttributeError,
+        RuntimeError,
+        ZeroDivisionError,
+        StrictDataclassError,
+    ) as exc:
         reason = str(exc).strip().splitlines()[-1].strip()
         raise EdgetuneError(
             f"{origin} does not describe a causal LM transformers can build ({reason})",
             "use the config.json published with the model, with its size fields (hidden_size, num_hidden_layers, ...)",
         ) from exc
     return _classify(model, config)
+
+
+# Config keys that give a model its size (names differ between families); a config must state them itself, or
+# transformers would plan its class defaults (a 6.7B Llama for a config holding only model_type).
+_WIDTH_KEYS = ("hidden_size", "n_embd", "d_model", "dim")
+_DEPTH_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+_SIZE_KEYS = (
+    _WIDTH_KEYS
+    + _DEPTH_KEYS
+    + ("num_attention_heads", "num_key_value_heads", "intermediate_size", "vocab_size", "head_dim", "n_head")
+)
+
+
+def _check_sizes(data: dict[str, object], origin: str) -> None:
+    sized = data.get("text_config") if isinstance(data.get("text_config"), dict) else data
+    fix = "use the config.json published with the model, with its size fields (hidden_size, num_hidden_layers, ...)"
+    for group in (_WIDTH_KEYS, _DEPTH_KEYS):
+        if not any(key in sized for key in group):
+            raise EdgetuneError(f"{origin} does not say the model's {group[0]} (or {', '.join(group[1:])})", fix)
+    for key in _SIZE_KEYS:
+        value = sized.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise EdgetuneError(f"{origin} has {key}={value!r}; sizes must be positive integers", fix)
 
 
 def _classify(model, config) -> ModelSpec:

@@ -9,8 +9,11 @@ next save deletes; a folder damaged later (bad copy, bit rot) fails its sizes or
 one before. Step order is write order: a save deletes higher steps (left by a run resumed from an earlier step, an
 abandoned timeline), then all but the ``keep`` newest. One process writes a run folder at a time.
 
-``state.pt`` is read with ``torch.load(weights_only=False)`` because optimizer, scheduler and sampler state may hold
-any picklable object. Unpickling can run code: checkpoints are trusted local files, resume only from your own runs.
+Nothing read from a checkpoint can run code. ``state.pt`` is read with ``torch.load(weights_only=True)``, whose
+unpickler builds only tensors and plain data (numbers, strings, lists, tuples, dicts) and refuses any other object
+before it is created; the trainer's state is made of just those (the numpy RNG state is stored as a list). A
+manifest cannot vouch for a file, since whoever edits a folder can rewrite it too: a ``state.pt`` that holds
+anything else is reported as unusable and resume falls back to the checkpoint before it.
 """
 
 import hashlib
@@ -159,7 +162,10 @@ def load_latest_checkpoint(run_dir: Path, identity: dict[str, str]) -> LoadedChe
         from safetensors.torch import load_file
 
         tensors = load_file(str(path / TENSORS_FILE), device="cpu")
-        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+        state, problem = _load_state(path / STATE_FILE)
+        if problem is not None:
+            logger.warning("skipping checkpoint %s: %s", path, problem)
+            continue
         logger.info("resuming from checkpoint %s (step %d)", path, step)
         return LoadedCheckpoint(step=step, tensors=tensors, state=state, path=path, manifest=manifest)
     if dirs:
@@ -197,7 +203,9 @@ def capture_rng_state() -> dict[str, Any]:
     # A generator never imported or initialized has not been drawn from, and probing CUDA would create a context
     # (hundreds of MB of device memory) in a CPU-only run.
     if "numpy" in sys.modules:
-        state["numpy"] = sys.modules["numpy"].random.get_state()
+        # As plain data: weights_only loading refuses numpy arrays (their unpickling goes through numpy's code).
+        name, keys, position, has_gauss, cached = sys.modules["numpy"].random.get_state()
+        state["numpy"] = (name, keys.tolist(), position, has_gauss, cached)
     if torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -220,7 +228,8 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     if "numpy" in state:
         import numpy  # installed with transformers; imported here because only numpy users need it
 
-        numpy.random.set_state(state["numpy"])
+        name, keys, position, has_gauss, cached = state["numpy"]
+        numpy.random.set_state((name, numpy.asarray(keys, dtype=numpy.uint32), position, has_gauss, cached))
     cuda_states = state.get("cuda", [])
     visible = torch.cuda.device_count() if cuda_states and torch.cuda.is_available() else 0
     if len(cuda_states) > visible:
@@ -343,6 +352,25 @@ def _check_files(path: Path, step: int, manifest: dict[str, Any], *, hashes: boo
         if hashes and _sha256(path / name) != info.get("sha256"):
             return f"{name} does not match the sha256 in its manifest (the file is corrupt)"
     return None
+
+
+def _load_state(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """The trainer's state, or why it cannot be used; only tensors and plain data are ever built."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - the unpickler raises several types; all mean "not usable"
+        detail = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        unsafe = "Unsupported global" in str(exc) or "weights_only" in str(exc).lower()
+        if unsafe:
+            return (
+                None,
+                f"{STATE_FILE} holds objects other than tensors and plain data; it was not loaded, since "
+                "unpickling them could run code",
+            )
+        return None, f"{STATE_FILE} is unreadable ({detail})"
+    if not isinstance(state, dict):
+        return None, f"{STATE_FILE} does not hold a state dict"
+    return state, None
 
 
 def _check_identity(path: Path, saved: dict[str, str], wanted: dict[str, str]) -> None:

@@ -30,6 +30,8 @@ DEFAULT_STEPS = 60
 DEFAULT_EVAL_EVERY = 20
 DEFAULT_CHECKPOINT_EVERY = 20
 DEFAULT_OUTPUT_DIR = "runs/edgetune"
+# Seeds reach torch.Generator, numpy and HiZOO's per-step seeds (seed + step); 32 bits keep all of them valid.
+MAX_SEED = 2**32 - 1
 
 Device = Literal["cpu", "cuda", "auto"]
 
@@ -125,7 +127,9 @@ class TrainSection:
             if value is not None and value <= 0:
                 raise EdgetuneError(f"train.{key}={value!r} is not positive", f"set {example}, or null for the default")
         check_minimums(self, "train", batch_size=1, grad_accumulation=1, eval_every=1, max_nonfinite=1)
-        check_minimums(self, "train", warmup_steps=0)
+        check_minimums(self, "train", warmup_steps=0, seed=0)
+        if self.seed > MAX_SEED:
+            raise EdgetuneError(f"train.seed={self.seed} is above {MAX_SEED}", "set a seed such as 0, 42 or 1234")
         for key in ("steps", "eval_batches"):
             if getattr(self, key) is not None:
                 check_minimums(self, "train", **{key: 1})

@@ -7,6 +7,7 @@ import dataclasses
 import difflib
 import functools
 import re
+import reprlib
 import sys
 import types
 import typing
@@ -106,9 +107,16 @@ def show(value: Any) -> str:
     """A short, one-line picture of a value and its type for error messages."""
     if value is None:
         return "null"
-    text = repr(value)
+    # reprlib stops at a few levels and items: YAML aliases can nest a 400-byte file into a value whose full repr
+    # is gigabytes long, and the work must stay bounded, not only the output.
+    text = _SHORT.repr(value)
     text = text if len(text) <= 60 else text[:57] + "..."
     return f"{text} ({type(value).__name__})"
+
+
+_SHORT = reprlib.Repr()  # keyword arguments only from Python 3.12
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxlong, _SHORT.maxother = 3, 60, 60, 60
+_SHORT.maxtuple = _SHORT.maxlist = _SHORT.maxdict = _SHORT.maxset = 6
 
 
 def yaml_entry(key: str, value: Any) -> str:

@@ -60,8 +60,8 @@ class DataConfig:
             raise EdgetuneError(f"seq_len={self.seq_len!r} is invalid", "set seq_len to an integer >= 2")
         if not isinstance(self.val_fraction, int | float) or not 0 < self.val_fraction < 1:
             raise EdgetuneError(f"val_fraction={self.val_fraction!r} is invalid", "set val_fraction between 0 and 1")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise EdgetuneError(f"seed={self.seed!r} is invalid", "set seed to an integer >= 0")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise EdgetuneError(f"seed={self.seed!r} is invalid", "set seed to an integer from 0 to 4294967295")
         if not isinstance(self.text_column, str) or not self.text_column:
             raise EdgetuneError(f"text_column={self.text_column!r} is invalid", "name the column that holds the text")
 
@@ -245,6 +245,16 @@ def _examples(
     else:
         pairs, fmt = chat_pairs(rows, tokenizer), "jsonl-chat"
     kept, n_truncated, n_dropped = truncate_pairs(pairs, cfg.seq_len)
+    if len(kept) < 2 and len(pairs) > len(kept):
+        raise EdgetuneError(
+            f"{path} keeps {len(kept)} of {len(pairs)} examples at seq_len={cfg.seq_len}: the others' prompts fill "
+            "all of seq_len, leaving no completion token to learn",
+            "raise data.seq_len (it must hold a prompt and part of its answer)",
+        )
+    if len(kept) < len(pairs):
+        logger.warning(
+            "dropped %d examples with no completion/assistant token within seq_len", len(pairs) - len(kept)
+        )
     examples = [{"input_ids": torch.tensor(ids), "labels": torch.tensor(lab), "length": len(ids)} for ids, lab in kept]
     return fmt, examples, n_truncated, n_dropped
 
@@ -279,16 +289,22 @@ def _read_text(path: Path) -> str:
 def _csv_texts(path: Path, text: str, column: str) -> list[str]:
     """The non-blank cells of ``column``."""
     reader = csv.DictReader(io.StringIO(text))
-    columns = reader.fieldnames or []
-    if column not in columns:
-        raise EdgetuneError(
-            f"{path} has no column {column!r} (columns: {', '.join(map(repr, columns))})",
-            "set text_column to the column that holds the text",
-        )
     try:
+        columns = reader.fieldnames or []
+        if column not in columns:
+            shown = ", ".join(repr(name if len(name) <= 40 else name[:37] + "...") for name in columns[:20])
+            raise EdgetuneError(
+                f"{path} has no column {column!r} (columns: {shown}{', ...' if len(columns) > 20 else ''})",
+                "set text_column to the column that holds the text",
+            )
         texts = [row[column] for row in reader if (row.get(column) or "").strip()]
     except csv.Error as exc:
-        raise EdgetuneError(f"{path} is not valid CSV near line {reader.line_num} ({exc})", "fix that line") from None
+        # csv refuses a field over csv.field_size_limit() (131,072 characters); raising the limit would change
+        # the process-wide setting of whatever application embeds edgetune.
+        raise EdgetuneError(
+            f"{path} is not valid CSV near line {reader.line_num} ({exc})",
+            "fix that line; put texts longer than 131,072 characters in a .txt or .jsonl file",
+        ) from None
     if not texts:
         raise EdgetuneError(f"{path} has no text in column {column!r}", "fill the column or pick another text_column")
     return texts

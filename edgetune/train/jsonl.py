@@ -150,19 +150,16 @@ def truncate_pairs(pairs: list[TokenPair], seq_len: int) -> tuple[list[TokenPair
         The kept pairs, how many were cut, and how many tokens the dropped pairs held.
     """
     kept = []
-    n_truncated = n_dropped = n_unlabelled = 0
+    n_truncated = n_dropped = 0
     for ids, labels in pairs:
         if len(ids) > seq_len:
             n_truncated += 1
             ids, labels = ids[:seq_len], labels[:seq_len]
         # A pair without a single target token adds nothing to training and makes a batch's mean loss NaN.
         if all(label == IGNORE_INDEX for label in labels):
-            n_unlabelled += 1
             n_dropped += len(ids)
             continue
         kept.append((ids, labels))
-    if n_unlabelled:
-        logger.warning("dropped %d examples with no completion/assistant token within seq_len", n_unlabelled)
     return kept, n_truncated, n_dropped
 
 

@@ -36,9 +36,9 @@ class LoraSettings:
     def __post_init__(self) -> None:
         if self.rank <= 0:
             raise EdgetuneError(f"LoRA rank must be positive, got {self.rank}", "use a rank such as 8, 16 or 32")
-        if self.alpha <= 0:
+        if not 0 < self.alpha < float("inf"):  # also refuses NaN
             raise EdgetuneError(f"LoRA alpha must be positive, got {self.alpha}", "use alpha = 2 * rank")
-        if not 0.0 <= self.dropout < 1.0:
+        if not 0.0 <= self.dropout < 1.0:  # NaN fails this too
             raise EdgetuneError(f"LoRA dropout must be in [0, 1), got {self.dropout}", "use 0.0 to 0.1")
         if not self.target_modules:
             raise EdgetuneError("LoRA target_modules is empty", f"name linears such as {DEFAULT_LORA_TARGETS[:2]}")
@@ -59,8 +59,12 @@ def load_tokenizer(source: ModelSource):  # -> transformers.PreTrainedTokenizerB
         )
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.path)
-    except (OSError, ValueError) as exc:
-        raise EdgetuneError(f"cannot load a tokenizer from {source.path} ({exc})", "add the tokenizer files") from exc
+    except Exception as exc:  # noqa: BLE001 - the tokenizers library raises bare Exceptions for damaged files
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise EdgetuneError(
+            f"cannot load a tokenizer from {source.path} ({reason})",
+            "add the tokenizer files (tokenizer.json or tokenizer.model with tokenizer_config.json)",
+        ) from exc
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -109,6 +113,7 @@ def load_base(source: ModelSource, precision: Precision, *, device: str | torch.
     ``fp32`` and ``bf16`` cast the whole model. The exporters load a run's base through this too, so a merge sees
     the weights training saw.
     """
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     device = torch.device(device)
@@ -117,7 +122,15 @@ def load_base(source: ModelSource, precision: Precision, *, device: str | torch.
         kwargs["quantization_config"] = nf4_config()
         # bitsandbytes quantizes while loading, so the weights must land on their final device directly.
         kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
-    model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
+        # A damaged or truncated weights file surfaces as one of these, often several lines long.
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise EdgetuneError(
+            f"cannot load the weights in {source.path} ({reason})",
+            "check the model folder (a complete download, intact .safetensors files) or download it again",
+        ) from exc
     if precision == "nf4":
         keep_4bit_layout(model)
     else:

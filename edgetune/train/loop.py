@@ -31,7 +31,14 @@ from edgetune.train.evaluation import held_out_loss
 from edgetune.train.loading import load_tokenizer
 from edgetune.train.memory import MemoryProbe, current_memory, resident_bytes
 from edgetune.train.notices import forward_warnings
-from edgetune.train.run_folder import prepare_run_dir, run_identity, save_result_weights, write_summary
+from edgetune.train.run_folder import (
+    plan_run_dir,
+    prepare_run_dir,
+    run_identity,
+    save_result_weights,
+    truncate_step_log,
+    write_summary,
+)
 from edgetune.train.session import (
     Session,
     budget_guard,
@@ -122,15 +129,15 @@ def train(
 
 def _train(config: TrainConfig, resume: bool, on_step, notify: Callable[[str], None], cancel: CancelToken):
     device = _device(config.train.device)
+    # Everything that can refuse the run is checked before the first message, so bad input gets one line.
     source = resolve_model(config.model.name, on_event=notify)
+    decision = _decide(config, source, device)
     tokenizer = load_tokenizer(source)
     data = load_dataset(config.data, tokenizer)
-    notify(_data_report(data))
     total = config.train.total_steps(len(data.train))
-    decision = _decide(config, source, device)
-    notify(f"strategy {decision.strategy.name}: {decision.reason}")
     identity = run_identity(config, source, decision.strategy)
-    run_dir = prepare_run_dir(Path(config.output.dir), identity, resume=resume, overwrite=config.output.overwrite)
+    run_dir = Path(config.output.dir)
+    action = plan_run_dir(run_dir, identity, resume=resume, overwrite=config.output.overwrite)
     torch.manual_seed(config.train.seed)
 
     def make_session(strategy, *, micro_batch, accumulation, at_step=0) -> Session:
@@ -148,12 +155,19 @@ def _train(config: TrainConfig, resume: bool, on_step, notify: Callable[[str], N
     session = make_session(
         decision.strategy, micro_batch=config.train.batch_size, accumulation=config.train.grad_accumulation
     )
-    start, offset, skipped = 0, {"epoch": 0, "examples": 0}, 0
+    notify(_data_report(data))
+    notify(f"strategy {decision.strategy.name}: {decision.reason}")
+    # The folder is written only once the model loaded: a model that fails to load leaves nothing behind.
+    if action == "restart":
+        notify(f"{run_dir} holds a run that stopped before its first checkpoint; starting it over there")
+    prepare_run_dir(run_dir, identity, action)
+    start, offset, skipped, val_before = 0, {"epoch": 0, "examples": 0}, 0, None
     if resume:
         session, loaded = restore_session(run_dir, identity, session, make_session)
         start, offset, skipped = loaded.step, loaded.state["data"], loaded.state["skipped"]
+        val_before = loaded.state.get("val_loss_before")  # the run's loss before its first step, not this resume's
         notify(f"resumed from step {loaded.step} ({loaded.path.name})")
-        _truncate_log(run_dir / "steps.jsonl", start)
+        truncate_step_log(run_dir / "steps.jsonl", start)
     (run_dir / "config.yaml").write_text(config.to_yaml())
     pad = pad_token_id(tokenizer)
     stream = BatchStream(data.train, session.micro_batch, pad, config.train.seed, offset)
@@ -161,7 +175,7 @@ def _train(config: TrainConfig, resume: bool, on_step, notify: Callable[[str], N
     def evaluate() -> float:
         return held_out_loss(session.model, data.val, config.train.batch_size, pad, device, config.train.eval_batches)
 
-    val_before = evaluate()
+    val_before = evaluate() if val_before is None else val_before
     notify(f"held-out loss before: {val_before:.4f}")
     history: list[StepInfo] = []
     measured_peak, status, nonfinite_run = 0, "finished", 0
@@ -206,11 +220,11 @@ def _train(config: TrainConfig, resume: bool, on_step, notify: Callable[[str], N
             status = f"stopped: {nonfinite_run} non-finite losses in a row (lower the learning rate)"
             break
         if step % config.output.checkpoint_every == 0:
-            _checkpoint(run_dir, step, session, stream, skipped, identity, config)
+            _checkpoint(run_dir, step, session, stream, skipped, identity, config, val_before)
     if cancel.cancelled and step < total:
         status = "cancelled"
     if step % config.output.checkpoint_every != 0 or status != "finished":
-        _checkpoint(run_dir, step, session, stream, skipped, identity, config)
+        _checkpoint(run_dir, step, session, stream, skipped, identity, config, val_before)
     val_after = evaluate()
     output_dir = save_result_weights(run_dir, session.model, session.strategy, tokenizer)
     sized = decision.sized
@@ -296,17 +310,9 @@ def _step_info(step, total, outcome, lr, step_started, started, start, probe, re
     )
 
 
-def _checkpoint(run_dir, step, session: Session, stream: BatchStream, skipped, identity, config) -> None:
-    extra = {"data": stream.position(), "skipped": skipped}
+def _checkpoint(run_dir, step, session: Session, stream: BatchStream, skipped, identity, config, val_before) -> None:
+    extra = {"data": stream.position(), "skipped": skipped, "val_loss_before": val_before}
     save_session(run_dir, step, session, extra, identity=identity, keep=config.output.keep_checkpoints)
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop log lines of steps after the checkpoint a run resumes from; they will be run again."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))
 
 
 def _device(choice: str) -> torch.device:

@@ -85,8 +85,9 @@ class ProbeConfig:
                 f"{self.strategy} is forward-only: each step is its update",
                 "drop --no-update or pick a backprop strategy",
             )
-        if self.lr is not None and not self.lr > 0:
-            raise EdgetuneError(f"lr must be positive, got {self.lr}", "use a learning rate such as 2e-4")
+        if self.lr is not None and not 0 < self.lr < float("inf"):  # also refuses NaN
+            raise EdgetuneError(f"lr must be a positive number, got {self.lr}", "use a learning rate such as 2e-4")
+        LoraSettings(rank=self.lora_rank, alpha=self.lora_alpha)  # checks alpha (NaN and inf included)
         if self.device != "cpu" and not self.device.startswith("cuda"):
             raise EdgetuneError(f"unknown device {self.device!r}", "use cpu or cuda[:N]")
 

@@ -2,8 +2,8 @@
 
 A run folder holds ``run.json`` (the identity of the run: model, strategy, adapter shape), ``steps.jsonl``,
 ``checkpoints/``, the result (``adapter/`` in peft format, or ``model/`` for full-parameter runs), ``summary.json``
-and ``memory.png``. edgetune never writes into a folder that holds something else, so nothing is overwritten
-by accident.
+and ``memory.png``. edgetune never writes into a folder that holds something else, and removes only the entries
+it writes, below a valid marker of its own, so nothing of anyone else's is overwritten.
 """
 
 import hashlib
@@ -17,6 +17,8 @@ import torch
 from edgetune.errors import EdgetuneError
 
 RUN_FILE = "run.json"
+# A marker must name these to be one edgetune wrote; only then may edgetune remove what it lists in OWNED.
+MARKER_KEYS = frozenset({"model", "architecture", "strategy"})
 OWNED = ("checkpoints", "steps.jsonl", "events.jsonl", "adapter", "model", "summary.json", "memory.png", RUN_FILE)
 
 
@@ -38,27 +40,64 @@ def architecture_hash(source) -> str:
     return hashlib.sha256(source.config_file.read_bytes()).hexdigest()[:16]
 
 
-def prepare_run_dir(path: Path, identity: dict[str, str], *, resume: bool, overwrite: bool) -> Path:
-    """Create or reopen a run folder, refusing anything that would mix or overwrite runs.
+def read_marker(path: Path) -> dict | None:
+    """The run marker ``run.json`` of a folder: None when there is none.
 
     Raises:
-        EdgetuneError: the folder is not writable, holds another run, holds this run without ``resume``, or is a
-            non-empty folder that edgetune did not create.
+        EdgetuneError: the file exists but is not an edgetune run marker (damaged, empty, or another tool's).
+    """
+    marker = path / RUN_FILE
+    if not marker.exists():
+        return None
+    try:
+        value = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        problem = f"unreadable ({type(exc).__name__})"
+    else:
+        identity = value.get("identity") if isinstance(value, dict) else None
+        if (
+            isinstance(identity, dict)
+            and MARKER_KEYS <= set(identity)
+            and all(isinstance(v, str) for v in identity.values())
+        ):
+            return value
+        problem = "not an edgetune run marker"
+    raise EdgetuneError(
+        f"{marker} is {problem}, so edgetune does not know what in {path} it wrote",
+        "set output.dir to a new folder; edgetune replaces only folders whose run.json it wrote",
+    )
+
+
+def plan_run_dir(path: Path, identity: dict[str, str], *, resume: bool, overwrite: bool) -> str:
+    """What to do with the output folder, decided before anything is loaded or written.
+
+    Returns:
+        ``"resume"``, ``"new"`` (absent or empty), ``"restart"`` (an edgetune run that stopped before its first
+        checkpoint and saved nothing: it starts over in place) or ``"replace"`` (``overwrite`` of an edgetune run).
+
+    Raises:
+        EdgetuneError: the path is a file, holds another tool's data, holds a run without ``resume`` or
+            ``overwrite``, or (with ``resume``) holds no run or another run.
     """
     if path.exists() and not path.is_dir():
         raise EdgetuneError(f"output folder {path} is a file", "set output.dir to a folder path")
-    marker = path / RUN_FILE
-    existing = json.loads(marker.read_text()) if marker.is_file() else None
+    existing = read_marker(path) if path.is_dir() else None
     if resume:
         if existing is None:
             raise EdgetuneError(
                 f"{path} is not an edgetune run folder (no {RUN_FILE})",
                 "pass the output folder of an earlier `edgetune train`, or drop --resume",
             )
-        _require_same(path, existing.get("identity", {}), identity)
-        return path
-    if existing is not None and not overwrite:
-        same = existing.get("identity") == identity
+        _require_same(path, existing["identity"], identity)
+        return "resume"
+    if existing is None:
+        if path.exists() and any(path.iterdir()):
+            raise EdgetuneError(f"{path} is not empty and is not an edgetune run", "set output.dir to a new folder")
+        return "new"
+    if not _has_progress(path):
+        return "restart"
+    if not overwrite:
+        same = existing["identity"] == identity
         raise EdgetuneError(
             f"{path} already holds {'this' if same else 'a different'} run ({existing['identity']['strategy']} on "
             f"{existing['identity']['model']})",
@@ -66,15 +105,35 @@ def prepare_run_dir(path: Path, identity: dict[str, str], *, resume: bool, overw
             if same
             else "set output.dir to a new folder, or output.overwrite=true to replace it",
         )
-    if existing is None and path.exists() and any(path.iterdir()):
-        raise EdgetuneError(f"{path} is not empty and is not an edgetune run", "set output.dir to a new folder")
-    if existing is not None:
+    return "replace"
+
+
+def prepare_run_dir(path: Path, identity: dict[str, str], action: str) -> Path:
+    """Carry out ``plan_run_dir``'s decision: clear what an earlier edgetune run wrote and mark the folder as this run.
+
+    Only the entries edgetune writes (``OWNED``) are removed, and only below a valid run marker; anything else in
+    the folder stays.
+
+    Raises:
+        EdgetuneError: the folder is not writable.
+    """
+    if action == "resume":
+        return path
+    if action in ("replace", "restart"):
         for name in OWNED:
             target = path / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+            shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink(missing_ok=True)
     _ensure_writable(path)
-    marker.write_text(json.dumps({"identity": identity, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2))
+    marker = {"identity": identity, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    (path / RUN_FILE).write_text(json.dumps(marker, indent=2))
     return path
+
+
+def _has_progress(path: Path) -> bool:
+    """Whether a run folder holds anything a rerun would lose: a checkpoint or a saved result."""
+    checkpoints = path / "checkpoints"
+    saved = checkpoints.is_dir() and any(p.name.startswith("step-") for p in checkpoints.iterdir())
+    return saved or any((path / name).exists() for name in ("adapter", "model", "summary.json"))
 
 
 def _require_same(path: Path, found: dict[str, str], identity: dict[str, str]) -> None:
@@ -141,7 +200,7 @@ def plot_memory_timeline(log_path: Path, image_path: Path, planned_peak_bytes: i
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    rows = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.is_file() else []
+    rows = read_step_log(log_path)
     if not rows:
         return
     steps = [row["step"] for row in rows]
@@ -160,3 +219,25 @@ def plot_memory_timeline(log_path: Path, image_path: Path, planned_peak_bytes: i
     axes.legend(loc="lower right")
     figure.tight_layout()
     figure.savefig(image_path)
+
+
+def read_step_log(path: Path) -> list[dict]:
+    """The rows of ``steps.jsonl``; a torn line (a kill or a full disk while appending) is dropped."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+    return rows
+
+
+def truncate_step_log(path: Path, step: int) -> None:
+    """Keep the log rows of steps up to the checkpoint a run resumes from (they ran); the rest will run again."""
+    if path.is_file():
+        kept = [row for row in read_step_log(path) if row["step"] <= step]
+        path.write_text("".join(json.dumps(row) + "\n" for row in kept))

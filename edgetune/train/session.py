@@ -184,7 +184,15 @@ def save_session(run_dir: Path, step: int, session: Session, extra: dict[str, An
         "step": step,
         "session": session.describe(),
     } | extra
-    save_checkpoint(run_dir, step, tensors, state, identity=identity, keep=keep)
+    try:
+        save_checkpoint(run_dir, step, tensors, state, identity=identity, keep=keep)
+    except OSError as exc:
+        # save_checkpoint removed its partial folder; the checkpoints before this one are untouched.
+        raise EdgetuneError(
+            f"cannot write the checkpoint of step {step} in {run_dir / 'checkpoints'} ({exc.strerror or exc}); "
+            "the earlier checkpoints are kept",
+            f"free disk space, then continue with `edgetune train --resume {run_dir}`",
+        ) from exc
 
 
 def restore_session(run_dir: Path, identity, session: Session, rebuild: Callable[..., Session]):

@@ -181,3 +181,22 @@ def test_the_api_function_stays_callable_after_its_module_is_imported(tiny_runs,
     for name in ("first", "second"):
         result = edgetune.export(tiny_runs["bf16"], merged_dir=tmp_path / name)
         assert result.merged.out_dir == tmp_path / name
+
+
+def test_a_cancelled_run_exports_with_a_warning(run_copy, tmp_path, capsys):
+    summary = json.loads((run_copy / "summary.json").read_text())
+    (run_copy / "summary.json").write_text(json.dumps(summary | {"status": "cancelled", "steps_done": 2}))
+    code, _, err = run_cli(capsys, str(run_copy), "--merged", str(tmp_path / "m"))
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert code == 0 and len(warnings) == 1
+    assert "ended 'cancelled' after 2 steps" in warnings[0] and "--resume" in warnings[0]
+
+
+def test_overwrite_never_replaces_a_folder_that_is_not_an_export(tiny_runs, tmp_path, capsys):
+    theirs = tmp_path / "thesis"
+    (theirs / "sub").mkdir(parents=True)
+    (theirs / "thesis.tex").write_text("mine")
+    (theirs / "sub" / "data.csv").write_text("1,2\n")
+    code, _, err = run_cli(capsys, str(tiny_runs["nf4"]), "--merged", str(theirs), "--overwrite")
+    assert_one_line_error(code, err, "is not an edgetune export", "edgetune_export.json")
+    assert (theirs / "thesis.tex").read_text() == "mine" and (theirs / "sub" / "data.csv").read_text() == "1,2\n"

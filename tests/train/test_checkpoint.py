@@ -287,3 +287,52 @@ def test_sigkill_at_random_moments_never_leaves_a_partial_checkpoint(tmp_path):
             assert latest.state["step"] == latest.step and (latest.step >= start or trial == 0)
             expected[0] = latest.step
             assert torch.equal(latest.tensors["w"], expected) and torch.equal(latest.state["m"], expected * 2)
+
+
+class _Payload:
+    """Unpickled, this would create the marker file: what a tampered checkpoint could run on resume."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _plant(checkpoint_dir: Path, state: object) -> None:
+    """Replace a checkpoint's state.pt and rewrite its manifest to match, as whoever edits the folder can."""
+    torch.save(state, checkpoint_dir / "state.pt")
+    manifest = json.loads((checkpoint_dir / "manifest.json").read_text())
+    data = (checkpoint_dir / "state.pt").read_bytes()
+    manifest["files"]["state.pt"] = {"size_bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (checkpoint_dir / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_a_pickled_payload_in_a_checkpoint_never_runs(tmp_path):
+    run_dir, marker = tmp_path / "run", tmp_path / "ran"
+    _save(run_dir, 1)
+    newest = _save(run_dir, 2)
+    _plant(newest, {"step": 2, "evil": _Payload(marker)})
+    loaded = load_latest_checkpoint(run_dir, IDENTITY)
+    assert not marker.exists()
+    assert loaded.step == 1  # the tampered checkpoint is skipped, the one before is used
+    assert [e.problem for e in list_checkpoints(run_dir, verify=True)] == [None, None]  # sizes and hashes match
+
+
+def test_a_payload_in_the_only_checkpoint_leaves_nothing_to_resume(tmp_path, caplog):
+    run_dir, marker = tmp_path / "run", tmp_path / "ran"
+    _plant(_save(run_dir, 1), _Payload(marker))
+    assert load_latest_checkpoint(run_dir, IDENTITY) is None and not marker.exists()
+    assert "could run code" in caplog.text
+
+
+def test_the_state_a_trainer_saves_loads_without_running_anything(tmp_path):
+    np.random.seed(3)
+    state = {"rng": capture_rng_state(), "data": {"epoch": 1, "examples": 5}, "skipped": 0, "lrs": [0.1, (1, 2)]}
+    _save(run_dir := tmp_path / "run", 1)
+    _plant(run_dir / "checkpoints" / "step-000001", state)
+    expected = np.random.random(3)
+    np.random.seed(0)
+    loaded = load_latest_checkpoint(run_dir, IDENTITY)
+    restore_rng_state(loaded.state["rng"])
+    assert np.array_equal(np.random.random(3), expected)

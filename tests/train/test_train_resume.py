@@ -232,19 +232,23 @@ def test_an_extended_run_follows_the_schedule_of_its_new_length(extended):
     assert extended[2][3:] == pytest.approx([1e-3 * (1 - 3 / 5), 1e-3 * (1 - 4 / 5)], rel=1e-9)
 
 
-def test_sigterm_checkpoints_the_last_finished_step_and_exits_0(uninterrupted, tiny_trainable_dir, text, tmp_path):
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["term", "int"])
+def test_a_signal_checkpoints_the_last_finished_step_and_exits_128_plus_it(
+    uninterrupted, tiny_trainable_dir, text, tmp_path, signum, code
+):
     run_dir = tmp_path / "run"
     env = os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     argv = [sys.executable, "-m", "edgetune", "train", *overrides(tiny_trainable_dir, text, run_dir, *ZO)]
     child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, cwd=tmp_path, text=True)
     try:
         _wait_for_a_checkpoint(run_dir, child)
-        child.send_signal(signal.SIGTERM)
+        child.send_signal(signum)
         out, _ = child.communicate(timeout=120)
     finally:
         child.kill()
     stopped_at = max(logged_steps(run_dir))
-    assert child.returncode == 0 and out.startswith(f"cancelled: {stopped_at} steps of mezo-full"), out
+    # Not 0: `edgetune train && edgetune export` must not export a half-trained model.
+    assert child.returncode == code and out.startswith(f"cancelled: {stopped_at} steps of mezo-full"), out
     assert stopped_at < STEPS and logged_steps(run_dir) == list(range(1, stopped_at + 1))
     assert list_checkpoints(run_dir, verify=True)[0].step == stopped_at
     assert resume(run_dir).steps_done == STEPS
@@ -369,3 +373,57 @@ def test_a_malformed_config_file_given_with_resume_is_one_line(finished_copy, tm
     err = capsys.readouterr().err
     assert err.startswith(f"edgetune: error: config file {path} is not valid YAML") and err.count("\n") == 1
     assert snapshot(finished_copy) == before
+
+
+def test_a_torn_last_log_line_is_dropped_on_resume(tiny_trainable_dir, text, tmp_path):
+    run_dir = tmp_path / "run"
+    train(tiny_trainable_dir, text, run_dir, *ZO, **cancel_after(3))
+    with (run_dir / "steps.jsonl").open("a") as log:
+        log.write('{"step": 4, "loss": 3.1, "memo')  # a kill or a full disk in the middle of an append
+    result = resume(run_dir)
+    assert result.status == "finished" and logged_steps(run_dir) == list(range(1, STEPS + 1))
+
+
+def test_a_run_that_died_before_its_first_checkpoint_starts_over_in_place(tiny_trainable_dir, text, tmp_path, capsys):
+    from edgetune.train import session
+
+    run_dir = tmp_path / "run"
+    argv = ["train", *overrides(tiny_trainable_dir, text, run_dir, *ZO, "train.steps=2")]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(session, "save_checkpoint", lambda *a, **k: (_ for _ in ()).throw(_Killed()))
+        with pytest.raises(_Killed):
+            cli.main(argv)  # a kill -9 during the first save: run.json and a log, no checkpoint
+    assert (run_dir / "run.json").is_file() and not list_checkpoints(run_dir)
+    assert cli.main(["train", "--resume", str(run_dir)]) == 2
+    assert "start the run again without --resume" in capsys.readouterr().err
+    (run_dir / "notes.txt").write_text("mine")
+    assert cli.main(argv) == 0
+    assert "stopped before its first checkpoint; starting it over" in capsys.readouterr().err
+    assert logged_steps(run_dir) == [1, 2] and (run_dir / "notes.txt").read_text() == "mine"
+
+
+def test_a_resumed_run_reports_the_loss_from_before_its_first_step(uninterrupted, tiny_trainable_dir, text, tmp_path):
+    stopped = train(tiny_trainable_dir, text, tmp_path / "run", *ZO, **cancel_after(5))
+    resumed = resume(tmp_path / "run")
+    assert resumed.val_loss_before == stopped.val_loss_before == uninterrupted[0].val_loss_before
+
+
+def test_a_full_disk_while_checkpointing_keeps_the_earlier_checkpoints(tiny_trainable_dir, text, tmp_path, capsys):
+    import errno
+
+    run_dir, real = tmp_path / "run", checkpoint._write_payload
+
+    def fill_up(folder, tensors, state):
+        if state["step"] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(folder, tensors, state)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(checkpoint, "_write_payload", fill_up)
+        code = cli.main(["train", *overrides(tiny_trainable_dir, text, run_dir, *ZO)])
+    err = capsys.readouterr().err.splitlines()
+    assert code == 2 and err[-1].startswith("edgetune: error: cannot write the checkpoint of step 3")
+    assert "No space left on device" in err[-1] and "earlier checkpoints are kept" in err[-1]
+    assert [entry.step for entry in list_checkpoints(run_dir, verify=True)] == [2, 1]
+    assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
+    assert resume(run_dir).steps_done == STEPS
