@@ -127,8 +127,8 @@ CASES = [
     Case("plan-negative-lr", lambda c: ["plan", str(c.model), "train.lr=-1"], "train.lr=-1.0 is not positive"),
     Case("plan-other-tools-key", lambda c: ["plan", text_file(c, "hf.yaml", "learning_rate: 3\n")], "train.lr"),
     # probe
-    Case("probe-nan-lr", lambda c: ["probe", "--model", str(c.model), "--lr", "nan"], "lr must be a positive"),
-    Case("probe-inf-lr", lambda c: ["probe", "--model", str(c.model), "--lr", "inf"], "lr must be a positive"),
+    Case("probe-nan-lr", lambda c: ["probe", "--model", str(c.model), "--lr", "nan"], "lr must be positive and finite"),
+    Case("probe-inf-lr", lambda c: ["probe", "--model", str(c.model), "--lr", "inf"], "lr must be positive and finite"),
     Case("probe-nan-alpha", lambda c: ["probe", "--model", str(c.model), "--lora-alpha", "nan"], "alpha"),
     Case("probe-unknown-strategy", lambda c: ["probe", "--strategy", "sgd"], "invalid choice: 'sgd'"),
     Case(

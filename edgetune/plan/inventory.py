@@ -136,11 +136,19 @@ def _check_sizes(data: dict[str, object], origin: str) -> None:
     fix = "use the config.json published with the model, with its size fields (hidden_size, num_hidden_layers, ...)"
     for group in (_WIDTH_KEYS, _DEPTH_KEYS):
         if not any(key in sized for key in group):
-            raise EdgetuneError(f"{origin} does not say the model's {group[0]} (or {', '.join(group[1:])})", fix)
+            raise EdgetuneError(
+                f"{origin} does not describe a causal LM transformers can build (it does not say the model's "
+                f"{group[0]}, or {', '.join(group[1:])})",
+                fix,
+            )
     for key in _SIZE_KEYS:
         value = sized.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-            raise EdgetuneError(f"{origin} has {key}={value!r}; sizes must be positive integers", fix)
+            raise EdgetuneError(
+                f"{origin} does not describe a causal LM transformers can build ({key}={value!r}; sizes are "
+                "positive integers)",
+                fix,
+            )
 
 
 def _classify(model, config) -> ModelSpec:

@@ -252,9 +252,7 @@ def _examples(
             "raise data.seq_len (it must hold a prompt and part of its answer)",
         )
     if len(kept) < len(pairs):
-        logger.warning(
-            "dropped %d examples with no completion/assistant token within seq_len", len(pairs) - len(kept)
-        )
+        logger.warning("dropped %d examples with no completion/assistant token within seq_len", len(pairs) - len(kept))
     examples = [{"input_ids": torch.tensor(ids), "labels": torch.tensor(lab), "length": len(ids)} for ids, lab in kept]
     return fmt, examples, n_truncated, n_dropped
 

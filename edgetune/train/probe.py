@@ -86,7 +86,7 @@ class ProbeConfig:
                 "drop --no-update or pick a backprop strategy",
             )
         if self.lr is not None and not 0 < self.lr < float("inf"):  # also refuses NaN
-            raise EdgetuneError(f"lr must be a positive number, got {self.lr}", "use a learning rate such as 2e-4")
+            raise EdgetuneError(f"lr must be positive and finite, got {self.lr}", "use a learning rate such as 2e-4")
         LoraSettings(rank=self.lora_rank, alpha=self.lora_alpha)  # checks alpha (NaN and inf included)
         if self.device != "cpu" and not self.device.startswith("cuda"):
             raise EdgetuneError(f"unknown device {self.device!r}", "use cpu or cuda[:N]")

@@ -113,6 +113,7 @@ def test_overwrite_replaces_an_earlier_export(tiny_runs, tmp_path, capsys):
     out = tmp_path / "m"
     out.mkdir()
     (out / "stale.txt").write_text("old")
+    (out / "edgetune_export.json").write_text("{}")  # the record every export folder holds
     code, _, err = run_cli(capsys, str(tiny_runs["nf4"]), "--merged", str(out), "--overwrite")
     assert code == 0, err
     assert not (out / "stale.txt").exists() and (out / "model.safetensors").is_file()

@@ -113,10 +113,11 @@ def test_a_failed_check_keeps_the_existing_output(tiny_runs, tmp_path, monkeypat
     out = tmp_path / "merged"
     out.mkdir()
     (out / "mine.txt").write_text("keep me")
+    (out / merge.EXPORT_FILE).write_text("{}")  # an earlier export, which --overwrite may replace
     monkeypatch.setitem(merge.SAVED_TOLERANCE, "bf16", 0.0)
     with pytest.raises(EdgetuneError, match="drifts too far"):
         export(tiny_runs["nf4"], merged_dir=out, overwrite=True)
-    assert [p.name for p in out.iterdir()] == ["mine.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [merge.EXPORT_FILE, "mine.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["merged"], "a staging folder was left behind"
 
 
