@@ -5,11 +5,11 @@ so an application has one import to learn.
 """
 
 import contextlib
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
 from edgetune.plan.budget import BudgetKind, budget_of_device, budget_of_profile, budget_of_size, parse_bytes
-from edgetune.plan.components import RunShape
 from edgetune.plan.decide import plan_run
 from edgetune.plan.device import DeviceInfo, read_devices
 from edgetune.plan.inventory import inspect_model
@@ -90,12 +90,9 @@ def plan(
 
     config = config or TrainConfig()
     source = resolve_model(model or config.model.name, on_event=on_event)
-    run = RunShape(
-        batch_size=config.train.batch_size if batch_size is None else batch_size,
-        seq_len=config.data.seq_len if seq_len is None else seq_len,
-        lora_rank=config.lora.rank if lora_rank is None else lora_rank,
-        lora_targets=tuple(config.lora.targets if lora_targets is None else lora_targets),
-    )
+    targets = None if lora_targets is None else tuple(lora_targets)
+    asked = {"batch_size": batch_size, "seq_len": seq_len, "lora_rank": lora_rank, "lora_targets": targets}
+    run = dataclasses.replace(config.run_shape(), **{key: value for key, value in asked.items() if value is not None})
     if budget is not None:
         size_bytes = budget if isinstance(budget, int) else parse_bytes(budget)
         memory = budget_of_size(size_bytes, budget_device, f"--budget {budget}")

@@ -13,7 +13,7 @@ from typing import Any
 from edgetune.errors import EdgetuneError
 from edgetune.plan.sources import ModelSource
 from edgetune.plan.strategies import Strategy, get_strategy
-from edgetune.train.run_folder import RUN_FILE, architecture_hash
+from edgetune.train.run_folder import RUN_FILE, architecture_hash, is_run_identity
 
 logger = logging.getLogger(__name__)
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -52,7 +52,7 @@ def open_finished_run(path: str | Path) -> FinishedRun:
     if not run_dir.is_dir():
         raise EdgetuneError(f"{run_dir} is not a folder", "pass the output folder of an `edgetune train` run")
     identity = _read_json(run_dir / RUN_FILE, run_dir).get("identity")
-    if not isinstance(identity, dict) or not {"model", "strategy", "architecture"} <= set(identity):
+    if not is_run_identity(identity):
         raise EdgetuneError(
             f"{run_dir / RUN_FILE} does not describe an edgetune run", "pass the output folder of `edgetune train`"
         )

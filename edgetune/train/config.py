@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from edgetune.errors import EdgetuneError
 from edgetune.plan.budget import parse_bytes
+from edgetune.plan.components import RunShape
 from edgetune.plan.sources import DEFAULT_MODEL_KEY
 from edgetune.plan.strategies import DEFAULT_LORA_TARGETS, STRATEGIES, ZerothOrder, resolve_targets
 from edgetune.train.config_values import check_minimums, check_types, field_hints, plain, type_name, yaml_entry
@@ -234,6 +235,15 @@ class TrainConfig:
                     f"config section {name} is a {type(section).__name__}, not a {cls.__name__}",
                     f"pass {name}={cls.__name__}(...)",
                 )
+
+    def run_shape(self) -> RunShape:
+        """The shape of the run this config trains, as the planner sizes it."""
+        return RunShape(
+            batch_size=self.train.batch_size,
+            seq_len=self.data.seq_len,
+            lora_rank=self.lora.rank,
+            lora_targets=tuple(self.lora.targets),
+        )
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """The config as plain nested data (lists, not tuples), the shape of the YAML file.

@@ -9,7 +9,6 @@ boundaries. Nothing here prints or exits; progress goes through ``on_step``/``on
 
 import json
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable
@@ -20,7 +19,6 @@ import torch
 
 from edgetune.errors import EdgetuneError
 from edgetune.plan.budget import Budget, budget_of_device, budget_of_size
-from edgetune.plan.components import RunShape
 from edgetune.plan.decide import Decision, decide, plan_run
 from edgetune.plan.device import read_devices
 from edgetune.plan.inventory import inspect_model
@@ -202,8 +200,7 @@ def _train(config: TrainConfig, resume: bool, on_step, notify: Callable[[str], N
             _log_adaptation(run_dir, session, step, notify)
             continue
         step += 1
-        finite = not outcome.skipped and math.isfinite(outcome.loss)
-        skipped, nonfinite_run = skipped + (not finite), 0 if finite else nonfinite_run + 1
+        skipped, nonfinite_run = skipped + outcome.skipped, nonfinite_run + 1 if outcome.skipped else 0
         lr = session.scheduler.get_last_lr()[0]  # the rate this step used, before the schedule moves on
         session.scheduler.step()
         measured_peak = max(
@@ -251,19 +248,13 @@ def _train(config: TrainConfig, resume: bool, on_step, notify: Callable[[str], N
 
 def _decide(config: TrainConfig, source, device: torch.device) -> Decision:
     """The plan of this run, asked with the objects the run already has; the strategy it uses."""
-    run = RunShape(
-        batch_size=config.train.batch_size,
-        seq_len=config.data.seq_len,
-        lora_rank=config.lora.rank,
-        lora_targets=tuple(config.lora.targets),
-    )
     kind = "cpu" if device.type == "cpu" else "cuda"
     budget: Budget
     if config.train.budget_bytes is not None:
         budget = budget_of_size(config.train.budget_bytes, kind, f"train.budget={config.train.budget}")
     else:
         budget = budget_of_device(read_devices()[0])
-    result = plan_run(source.name, inspect_model(source), run, budget)
+    result = plan_run(source.name, inspect_model(source), config.run_shape(), budget)
     return decide(result, config.train.strategy, force=config.train.force)
 
 
@@ -304,7 +295,7 @@ def _step_info(step, total, outcome, lr, step_started, started, start, probe, re
         }
         # On CUDA NVML's view of the device too: it includes the context and other processes.
         | ({"nvml_used_bytes": probe.report.nvml_used_bytes} if probe.report.nvml_used_bytes is not None else {}),
-        skipped=not math.isfinite(outcome.loss),
+        skipped=outcome.skipped,
         val_loss=val,
         grad_norm=outcome.grad_norm,
     )

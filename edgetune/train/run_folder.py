@@ -54,17 +54,21 @@ def read_marker(path: Path) -> dict | None:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         problem = f"unreadable ({type(exc).__name__})"
     else:
-        identity = value.get("identity") if isinstance(value, dict) else None
-        if (
-            isinstance(identity, dict)
-            and MARKER_KEYS <= set(identity)
-            and all(isinstance(v, str) for v in identity.values())
-        ):
+        if is_run_identity(value.get("identity") if isinstance(value, dict) else None):
             return value
         problem = "not an edgetune run marker"
     raise EdgetuneError(
         f"{marker} is {problem}, so edgetune does not know what in {path} it wrote",
         "set output.dir to a new folder; edgetune replaces only folders whose run.json it wrote",
+    )
+
+
+def is_run_identity(identity: object) -> bool:
+    """Whether a run.json's ``identity`` is one edgetune wrote: the marker every reader of a run folder trusts."""
+    return (
+        isinstance(identity, dict)
+        and MARKER_KEYS <= set(identity)
+        and all(isinstance(value, str) for value in identity.values())
     )
 
 
