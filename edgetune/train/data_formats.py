@@ -205,16 +205,19 @@ def _check_fits(raw: RawData, fmt: DataFormat, text_column: str) -> None:
             )
 
 
-def _type_error(where: str, key: str, value: Any, expected: str) -> EdgetuneError:
-    kind = "null" if value is None else f"a {type(value).__name__}"
-    return EdgetuneError(f"{where}: {key!r} is {kind}, not {expected}", f"make {key!r} {expected}")
+def _type_error(where: str, label: str, value: Any, expected: str) -> EdgetuneError:
+    """``label`` names the value as messages show it: a quoted key, or a message's field ("'messages' item 2 ...")."""
+    name = type(value).__name__
+    kind = "null" if value is None else f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+    return EdgetuneError(f"{where}: {label} is {kind}, not {expected}", f"make {label} {expected}")
 
 
-def _string(row: dict, key: str, where: str, *, optional: bool = False) -> str:
+def _string(row: dict, key: str, where: str, *, optional: bool = False, inside: str = "") -> str:
+    """``row[key]`` as a string; ``inside`` names the message or part that ``row`` is, for messages."""
     value = row.get(key)
     if isinstance(value, str) or (value is None and optional):
         return value or ""
-    raise _type_error(where, key, value, "a string")
+    raise _type_error(where, f"{inside} {key!r}".lstrip(), value, "a string")
 
 
 def _text_sample(row: dict, where: str, text_column: str) -> dict:
@@ -265,7 +268,7 @@ def _prompt_completion_sample(row: dict, where: str, text_column: str) -> dict:
             "make both strings, or both lists of {role, content} messages",
         )
     key, value = ("prompt", prompt) if not isinstance(prompt, str | list) else ("completion", completion)
-    raise _type_error(where, key, value, "a string or a list of messages")
+    raise _type_error(where, repr(key), value, "a string or a list of messages")
 
 
 def _conversation(messages: list[dict], row: dict, where: str) -> dict:
@@ -291,7 +294,7 @@ _CONVERTERS = {
 def checked_messages(messages: Any, key: str, where: str) -> list[dict]:
     """Messages in canonical form: role checked, content a string, tool fields passed through."""
     if not isinstance(messages, list):
-        raise _type_error(where, key, messages, 'a list of {"role", "content"} messages')
+        raise _type_error(where, repr(key), messages, 'a list of {"role", "content"} messages')
     return [_message(m, f"{key!r} item {n}", where) for n, m in enumerate(messages, start=1)]
 
 
@@ -309,12 +312,13 @@ def _message(message: Any, what: str, where: str) -> dict:
     for field, kind in (("tool_calls", list), ("name", str), ("tool_call_id", str)):
         value = message.get(field)
         if value is not None and not isinstance(value, kind):
-            raise _type_error(where, f"{what} {field}", value, f"a {kind.__name__}")
+            raise _type_error(where, f"{what} {field!r}", value, f"a {kind.__name__}")
         if value is not None:
             out[field] = value
     if message.get("content") is None and not (role == "assistant" and out.get("tool_calls")):
         raise EdgetuneError(
-            f"{where}: {what} has no content", "give it a content string; only assistant tool calls may have none"
+            f"{where}: {what} has no content",
+            "give it a content string (only an assistant turn with tool_calls may have none)",
         )
     return out
 
@@ -326,7 +330,7 @@ def _content(content: Any, what: str, where: str) -> str:
     if content is None:
         return ""
     if not isinstance(content, list):
-        raise _type_error(where, f"{what} content", content, "a string or a list of text parts")
+        raise _type_error(where, f"{what} 'content'", content, "a string or a list of text parts")
     texts = []
     for part in content:
         kind = part.get("type") if isinstance(part, dict) else None
@@ -334,16 +338,16 @@ def _content(content: Any, what: str, where: str) -> str:
             shown = repr(kind) if kind is not None else f"a {type(part).__name__}"
             raise EdgetuneError(
                 f"{where}: {what} has a content part of type {shown}, not text",
-                "edgetune trains text-only models; remove the non-text parts or the row",
+                "remove the non-text parts or the row (edgetune trains text-only models)",
             )
-        texts.append(_string(part, "text", where))
+        texts.append(_string(part, "text", where, inside=f"{what} content part"))
     return "".join(texts)
 
 
 def sharegpt_messages(turns: Any, key: str, system: str, where: str) -> list[dict]:
     """ShareGPT turns as messages, after the row's system prompt when it has one."""
     if not isinstance(turns, list):
-        raise _type_error(where, key, turns, 'a list of {"from", "value"} turns')
+        raise _type_error(where, repr(key), turns, 'a list of {"from", "value"} turns')
     messages = [{"role": "system", "content": system}] if system else []
     for n, turn in enumerate(turns, start=1):
         speaker = turn.get("from") if isinstance(turn, dict) else None
@@ -353,7 +357,9 @@ def sharegpt_messages(turns: Any, key: str, system: str, where: str) -> list[dic
                 f"{where}: {key!r} item {n} has {found}",
                 f"set 'from' to one of {', '.join(SHAREGPT_ROLES)}",
             )
-        messages.append({"role": SHAREGPT_ROLES[speaker], "content": _string(turn, "value", where)})
+        messages.append(
+            {"role": SHAREGPT_ROLES[speaker], "content": _string(turn, "value", where, inside=f"{key!r} item {n}")}
+        )
     return messages
 
 
@@ -365,7 +371,7 @@ def alpaca_messages(instruction: str, extra: str, output: str, system: str, hist
             isinstance(p, list | tuple) and len(p) == 2 and all(isinstance(t, str) for t in p) for p in history
         )
         if not pairs_ok:
-            raise _type_error(where, "history", history, "a list of [user, assistant] string pairs")
+            raise _type_error(where, "'history'", history, "a list of [user, assistant] string pairs")
         for user, assistant in history:
             messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
     # The instruction and its input are joined with one newline, as LLaMA-Factory's alpaca converter does.
@@ -382,5 +388,5 @@ def tools_of(row: dict, where: str) -> list | None:
         except json.JSONDecodeError:
             raise EdgetuneError(f"{where}: 'tools' is a string but not valid JSON", "write it as a JSON list") from None
     if tools is not None and not isinstance(tools, list):
-        raise _type_error(where, "tools", tools, "a list of tool schemas")
+        raise _type_error(where, "'tools'", tools, "a list of tool schemas")
     return tools
