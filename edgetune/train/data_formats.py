@@ -63,7 +63,7 @@ class Samples:
     dropped: dict[str, int]
 
 
-class Dropped(Exception):
+class _Dropped(Exception):
     """A row that is well formed but has nothing to learn from; ``reason`` is counted, not reported."""
 
     def __init__(self, reason: str) -> None:
@@ -142,7 +142,7 @@ def normalise(raw: RawData, fmt: DataFormat | Literal["auto"] = "auto", text_col
     for i, row in enumerate(raw.rows):
         try:
             samples.append(convert(row, raw.where(i), text_column))
-        except Dropped as drop:
+        except _Dropped as drop:
             dropped[drop.reason] = dropped.get(drop.reason, 0) + 1
     if not samples:
         counts = ", ".join(f"{reason}: {n}" for reason, n in dropped.items())
@@ -223,14 +223,14 @@ def _string(row: dict, key: str, where: str, *, optional: bool = False, inside: 
 def _text_sample(row: dict, where: str, text_column: str) -> dict:
     text = row[text_column]
     if text is None or (isinstance(text, str) and not text.strip()):
-        raise Dropped("blank text")
+        raise _Dropped("blank text")
     return {"text": _string(row, text_column, where)}
 
 
 def _alpaca_sample(row: dict, where: str, text_column: str) -> dict:
     instruction = _string(row, "instruction", where)
     output = _string(row, "output", where, optional=True)
-    messages = alpaca_messages(
+    messages = _alpaca_messages(
         instruction,
         _string(row, "input", where, optional=True),
         output,
@@ -239,28 +239,28 @@ def _alpaca_sample(row: dict, where: str, text_column: str) -> dict:
         where,
     )
     if not output.strip():
-        raise Dropped("empty answer")
+        raise _Dropped("empty answer")
     return {"messages": messages}
 
 
 def _sharegpt_sample(row: dict, where: str, text_column: str) -> dict:
     key = "conversations" if _has(row, "conversations") else "messages"
     system = _string(row, "system", where, optional=True)
-    return _conversation(sharegpt_messages(row[key], key, system, where), row, where)
+    return _conversation(_sharegpt_messages(row[key], key, system, where), row, where)
 
 
 def _messages_sample(row: dict, where: str, text_column: str) -> dict:
-    return _conversation(checked_messages(row["messages"], "messages", where), row, where)
+    return _conversation(_checked_messages(row["messages"], "messages", where), row, where)
 
 
 def _prompt_completion_sample(row: dict, where: str, text_column: str) -> dict:
     prompt, completion = row["prompt"], row["completion"]
     if isinstance(prompt, str) and isinstance(completion, str):
         if not completion.strip():
-            raise Dropped("empty answer")
+            raise _Dropped("empty answer")
         return {"prompt": prompt, "completion": completion}
     if isinstance(prompt, list) and isinstance(completion, list):
-        messages = checked_messages(prompt, "prompt", where) + checked_messages(completion, "completion", where)
+        messages = _checked_messages(prompt, "prompt", where) + _checked_messages(completion, "completion", where)
         return _conversation(messages, row, where)
     if isinstance(prompt, str | list) and isinstance(completion, str | list):
         raise EdgetuneError(
@@ -272,13 +272,13 @@ def _prompt_completion_sample(row: dict, where: str, text_column: str) -> dict:
 
 
 def _conversation(messages: list[dict], row: dict, where: str) -> dict:
-    """The messages sample, or Dropped when there is no assistant reply to learn."""
+    """The messages sample, or _Dropped when there is no assistant reply to learn."""
     replies = [m for m in messages if m["role"] == "assistant"]
     if not replies:
-        raise Dropped("no assistant turn")
+        raise _Dropped("no assistant turn")
     if not replies[-1]["content"].strip() and not replies[-1].get("tool_calls"):
-        raise Dropped("empty answer")
-    tools = tools_of(row, where)
+        raise _Dropped("empty answer")
+    tools = _tools_of(row, where)
     return {"messages": messages, "tools": tools} if tools is not None else {"messages": messages}
 
 
@@ -291,7 +291,7 @@ _CONVERTERS = {
 }
 
 
-def checked_messages(messages: Any, key: str, where: str) -> list[dict]:
+def _checked_messages(messages: Any, key: str, where: str) -> list[dict]:
     """Messages in canonical form: role checked, content a string, tool fields passed through."""
     if not isinstance(messages, list):
         raise _type_error(where, repr(key), messages, 'a list of {"role", "content"} messages')
@@ -344,7 +344,7 @@ def _content(content: Any, what: str, where: str) -> str:
     return "".join(texts)
 
 
-def sharegpt_messages(turns: Any, key: str, system: str, where: str) -> list[dict]:
+def _sharegpt_messages(turns: Any, key: str, system: str, where: str) -> list[dict]:
     """ShareGPT turns as messages, after the row's system prompt when it has one."""
     if not isinstance(turns, list):
         raise _type_error(where, repr(key), turns, 'a list of {"from", "value"} turns')
@@ -363,7 +363,7 @@ def sharegpt_messages(turns: Any, key: str, system: str, where: str) -> list[dic
     return messages
 
 
-def alpaca_messages(instruction: str, extra: str, output: str, system: str, history: Any, where: str) -> list[dict]:
+def _alpaca_messages(instruction: str, extra: str, output: str, system: str, history: Any, where: str) -> list[dict]:
     """An alpaca row as messages: system, the history pairs, then the instruction and its output."""
     messages = [{"role": "system", "content": system}] if system else []
     if history is not None:
@@ -379,7 +379,7 @@ def alpaca_messages(instruction: str, extra: str, output: str, system: str, hist
     return messages + [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
 
 
-def tools_of(row: dict, where: str) -> list | None:
+def _tools_of(row: dict, where: str) -> list | None:
     """The row's tool schemas; a JSON string (as LLaMA-Factory and many hub data sets store them) is parsed."""
     tools = row.get("tools")
     if isinstance(tools, str):

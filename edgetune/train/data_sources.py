@@ -54,7 +54,7 @@ def read_data(path: str | Path, *, split: str = "train", subset: str | None = No
     Args:
         path: a .txt, .jsonl, .json, .csv or .parquet file; a folder written by ``Dataset.save_to_disk`` or
             ``DatasetDict.save_to_disk``; or, when no such path exists, a hub data set id (``name`` or ``org/name``).
-        split: the split of a saved DatasetDict or a hub data set.
+        split: the split of a saved DatasetDict or a hub data set (a saved Dataset is one split; it ignores this).
         subset: the hub data set's subset (its config name), if it has several.
 
     Returns:

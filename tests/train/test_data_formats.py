@@ -111,6 +111,10 @@ def test_text_rows_txt_and_text_column(tmp_path):
     txt = tmp_path / "b.txt"
     txt.write_text("a whole\nbook", encoding="utf-8")
     assert normalise(read_data(str(txt))) == Samples(format="text", samples=[{"text": "a whole\nbook"}], dropped={})
+    csv_file = tmp_path / "t.csv"
+    csv_file.write_text('id,text\n1,first\n2,""\n3,second\n', encoding="utf-8")
+    samples = normalise(read_data(str(csv_file)))
+    assert samples.samples == [{"text": "first"}, {"text": "second"}] and samples.dropped == {"blank text": 1}
     raw = raw_of([{"body": "one"}, {"body": "  "}, {"body": None}, {"body": "two"}])
     assert detect_format(raw, "body") == "text"
     samples = normalise(raw, text_column="body")

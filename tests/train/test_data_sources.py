@@ -14,7 +14,8 @@ ROWS = [{"prompt": "2+2?", "completion": "4"}, {"prompt": "Capital of France?", 
 
 @pytest.fixture(autouse=True)
 def offline(monkeypatch):
-    # A test that reaches a real hub call by mistake fails fast instead of touching the network.
+    # Every hub test replaces datasets.load_dataset; should one slip through before datasets is first imported,
+    # offline mode makes it fail instead of reaching the network.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
 
@@ -147,6 +148,18 @@ def test_hub_failures_are_one_line(monkeypatch, raised, words):
     exc = error_of("org/missing", split="dev")
     text = str(exc)
     assert all(word in text for word in words), text
+
+
+def test_hub_unknown_subset_names_it(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+
+    def fake_load(path, name=None, split=None):
+        raise ValueError(f"BuilderConfig '{name}' not found. Available: ['default']")
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    exc = error_of("org/qa", subset="tiny")
+    assert "hub data set org/qa (subset tiny, split train) has no subset 'tiny'" in exc.problem
+    assert "['default']" in exc.problem and "data.subset" in exc.fix
 
 
 def test_hub_failure_that_is_not_the_users_passes_through(monkeypatch):
