@@ -32,7 +32,8 @@ import torch  # noqa: E402
 from edgetune.optim import AdaFish, HiZOO, MeZO, ScaledAdamW  # noqa: E402
 from edgetune.optim.hizoo import buffer_bytes  # noqa: E402
 from edgetune.plan.sources import resolve_model  # noqa: E402
-from edgetune.train.data import DataConfig, batches, load_dataset, pad_token_id  # noqa: E402
+from edgetune.train.batching import batches, pad_token_id  # noqa: E402
+from edgetune.train.data import DataConfig, load_dataset  # noqa: E402
 from edgetune.train.loading import LoraSettings, load_model, load_tokenizer  # noqa: E402
 from edgetune.train.memory import MemoryProbe  # noqa: E402
 

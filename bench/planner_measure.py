@@ -26,7 +26,8 @@ sys.path.insert(0, str(ROOT))
 
 from edgetune.plan.sources import resolve_model  # noqa: E402
 from edgetune.plan.strategies import STRATEGIES  # noqa: E402
-from edgetune.train.data import DataConfig, batches, load_dataset, pad_token_id  # noqa: E402
+from edgetune.train.batching import batches, pad_token_id  # noqa: E402
+from edgetune.train.data import DataConfig, load_dataset  # noqa: E402
 from edgetune.train.loading import LoraSettings, load_model, load_tokenizer  # noqa: E402
 from edgetune.train.memory import MemoryProbe, resident_bytes  # noqa: E402
 from edgetune.train.step import make_optimizer, run_step  # noqa: E402

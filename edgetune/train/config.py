@@ -38,11 +38,19 @@ Device = Literal["cpu", "cuda", "auto"]
 
 # DataConfig lives in edgetune.train.data and has no field metadata; its help lines live here, next to the others.
 _DATA_HELP = {
-    "path": "a .txt, .jsonl or .csv file; null uses the bundled Pride and Prejudice text",
-    "seq_len": "tokens per packed block, and the most tokens one example keeps (at most the model's limit)",
-    "val_fraction": "share of examples held out for validation, between 0 and 1",
+    "path": "a .txt/.jsonl/.json/.csv/.parquet file, save_to_disk folder or hub data set id; null: Pride and Prejudice",
+    "format": "auto detects it from the keys; or text, alpaca, sharegpt, messages, prompt-completion",
+    "split": "the split of a hub data set or a saved DatasetDict",
+    "subset": "the configuration (subset) of a hub data set, or null",
+    "eval_path": "a separate held-out set in any accepted form; null holds out val_fraction of path",
+    "eval_split": "the split of eval_path when it is a hub data set or a saved DatasetDict",
+    "seq_len": "tokens per packed block or row, and the most tokens one example keeps (at most the model's limit)",
+    "val_fraction": "share of examples held out for validation when there is no eval_path, between 0 and 1",
     "seed": "seeds the train/validation split",
-    "text_column": "the .csv column or .jsonl key that holds plain text",
+    "text_column": "the column or key that holds plain text",
+    "chat_template": "chatml, llama3, zephyr or a Jinja file for chat data; null keeps the model's own template",
+    "train_on_prompt": "put prompt, system, user and tool tokens in the loss too (default: answers only)",
+    "packing": "pack instruction and chat examples into full rows, each attending only to itself",
 }
 
 

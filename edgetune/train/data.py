@@ -1,91 +1,145 @@
-"""Load a fine-tuning data set into token examples, split it, and batch it.
+"""Load a fine-tuning data set into token examples, split it, pack it and batch it.
 
-Supported files: ``.txt`` (the whole file, packed into blocks of exactly ``seq_len`` tokens), ``.csv`` (one text
-per row of a column, packed the same way) and ``.jsonl`` with one kind of row per file: ``{"text": ...}`` (packed),
-``{"prompt": ..., "completion": ...}`` (one example per row, loss on the completion only) or
-``{"messages": [{"role": ..., "content": ...}, ...]}`` (rendered with the tokenizer's chat template, loss on the
-assistant turns only). Without a path, the bundled first chapters of *Pride and Prejudice* are used.
+``edgetune.train.data_sources`` reads the rows (.txt, .jsonl, .json, .csv, .parquet, a ``save_to_disk`` folder or a
+hub data set), ``edgetune.train.data_formats`` detects their format and turns them into canonical samples, and
+``edgetune.train.tokens`` makes token pairs with loss masks. Plain text is concatenated (eos between documents) and
+cut into blocks of exactly ``seq_len`` tokens; instruction and chat examples are packed whole into rows of at most
+``seq_len`` tokens (``edgetune.train.packing``), or padded per batch with ``packing=False``. Without a path, the
+bundled first chapters of *Pride and Prejudice* are used.
 
 An example is a dict with ``input_ids`` and ``labels`` (1-D ``torch.long`` tensors, labels ``-100`` where there is
-no loss) and ``length`` (int). Reading .jsonl rows and rendering chat rows live in ``edgetune.train.jsonl``.
+no loss), ``length`` (int) and, for packed rows, ``position_ids``.
 """
 
-import csv
-import io
 import logging
-import math
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from edgetune.errors import EdgetuneError
-from edgetune.train.jsonl import IGNORE_INDEX, chat_pairs, prompt_completion_pairs, read_rows, truncate_pairs
+from edgetune.train.batching import pack
+from edgetune.train.chat_templates import apply_template, require_template
+from edgetune.train.data_formats import FORMATS, Samples, normalise
+from edgetune.train.data_sources import read_data
+from edgetune.train.tokens import IGNORE_INDEX, sample_pairs, truncate_pairs
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_SUFFIXES = (".txt", ".jsonl", ".csv")
 Example = dict[str, Any]
-DataFormat = Literal["txt", "csv", "jsonl-text", "jsonl-prompt-completion", "jsonl-chat"]
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Where the data is and how to cut it.
+    """Where the data is, what it looks like, and how to cut it.
 
     Args:
-        path: a .txt, .jsonl or .csv file; None uses the bundled Pride and Prejudice text.
-        seq_len: tokens per packed block, and the most tokens one prompt/completion or chat example keeps.
-        val_fraction: share of examples held out for validation (at least one example).
+        path: a .txt, .jsonl, .json, .csv or .parquet file, a ``save_to_disk`` folder, or a hub data set id; None
+            uses the bundled Pride and Prejudice text.
+        format: ``auto`` (detected from the keys) or one of text, alpaca, sharegpt, messages, prompt-completion.
+        split: the split of a hub data set or a saved ``DatasetDict``.
+        subset: the configuration (subset) of a hub data set.
+        eval_path: a separate held-out set in any accepted form; None holds out ``val_fraction`` of ``path``.
+        eval_split: the split of ``eval_path`` when it is a hub data set or a saved ``DatasetDict``.
+        seq_len: tokens per packed block or row, and the most tokens one example keeps.
+        val_fraction: share of examples held out for validation (at least one example) without ``eval_path``.
         seed: seeds the train/validation split.
-        text_column: the column (.csv) or key (.jsonl) that holds plain text.
+        text_column: the column or key that holds plain text.
+        chat_template: a built-in template (chatml, llama3, zephyr) or a Jinja file; None keeps the model's own.
+        train_on_prompt: put prompt, system, user and tool tokens in the loss too.
+        packing: pack instruction and chat examples into full rows (each attends only to itself).
     """
 
     path: str | None = None
+    format: str = "auto"
+    split: str = "train"
+    subset: str | None = None
+    eval_path: str | None = None
+    eval_split: str = "test"
     seq_len: int = 256
     val_fraction: float = 0.1
     seed: int = 0
     text_column: str = "text"
+    chat_template: str | None = None
+    train_on_prompt: bool = False
+    packing: bool = True
 
     def __post_init__(self) -> None:
-        if self.path is not None and (not isinstance(self.path, str) or not self.path.strip()):
-            raise EdgetuneError(f"data path {self.path!r} is invalid", "give a file path, or None for the default")
+        for key in ("path", "eval_path", "subset", "chat_template"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise EdgetuneError(f"data.{key}={value!r} is invalid", "give a non-empty string, or null")
         if isinstance(self.seq_len, bool) or not isinstance(self.seq_len, int) or self.seq_len < 2:
             raise EdgetuneError(f"seq_len={self.seq_len!r} is invalid", "set seq_len to an integer >= 2")
         if not isinstance(self.val_fraction, int | float) or not 0 < self.val_fraction < 1:
             raise EdgetuneError(f"val_fraction={self.val_fraction!r} is invalid", "set val_fraction between 0 and 1")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
             raise EdgetuneError(f"seed={self.seed!r} is invalid", "set seed to an integer from 0 to 4294967295")
-        if not isinstance(self.text_column, str) or not self.text_column:
-            raise EdgetuneError(f"text_column={self.text_column!r} is invalid", "name the column that holds the text")
+        for key in ("text_column", "split", "eval_split"):
+            if not isinstance(getattr(self, key), str) or not getattr(self, key).strip():
+                raise EdgetuneError(f"data.{key}={getattr(self, key)!r} is invalid", "give a non-empty name")
+        if self.format not in ("auto", *FORMATS):
+            raise EdgetuneError(f"data.format={self.format!r} is unknown", f"use auto or one of {', '.join(FORMATS)}")
+        for key in ("train_on_prompt", "packing"):
+            if not isinstance(getattr(self, key), bool):
+                raise EdgetuneError(f"data.{key}={getattr(self, key)!r} is invalid", "set it to true or false")
 
 
 @dataclass(frozen=True)
 class DataStats:
-    """What loading produced.
+    """What loading produced, for the data report printed before training.
 
     Args:
-        format: the file kind and, for .jsonl, the row kind.
-        n_examples: train plus validation examples.
+        source: the data as messages name it.
+        format: the detected (or chosen) row format.
+        n_rows: rows read (documents for text), training source plus a separate eval source.
+        n_examples: examples after dropping, train plus validation (packed text blocks for text).
         n_train_tokens: tokens in the training examples.
         n_val_tokens: tokens in the validation examples.
-        n_truncated: examples cut to seq_len (prompt/completion and chat rows).
-        n_dropped: tokens in no example: the packing remainder shorter than one block, plus every token of
-            examples dropped because truncation left them no token with a loss.
+        n_loss_tokens: training tokens that count in the loss.
+        n_truncated: examples cut to seq_len.
+        dropped: rows dropped, by reason.
+        n_remainder_tokens: text tokens after the last full block, in no example.
+        n_train_rows: rows the trainer draws batches from (packed rows when packing).
+        packed: whether instruction or chat examples were packed.
     """
 
-    format: DataFormat
+    source: str
+    format: str
+    n_rows: int
     n_examples: int
     n_train_tokens: int
     n_val_tokens: int
+    n_loss_tokens: int
     n_truncated: int
-    n_dropped: int
+    dropped: dict[str, int] = field(default_factory=dict)
+    n_remainder_tokens: int = 0
+    n_train_rows: int = 0
+    packed: bool = False
+
+    def describe(self) -> str:
+        """The data report in one line."""
+        total = self.n_train_tokens + self.n_val_tokens
+        share = self.n_loss_tokens / max(self.n_train_tokens, 1)
+        line = (
+            f"data: {self.format} from {self.source}: {self.n_rows:,} row{'s' if self.n_rows != 1 else ''}, "
+            f"{self.n_examples:,} examples, "
+            f"{total:,} tokens ({share:.0%} of training tokens in the loss)"
+        )
+        if self.packed:
+            line += f", packed into {self.n_train_rows:,} training rows"
+        line += f"; {self.n_truncated:,} truncated"
+        dropped = sum(self.dropped.values())
+        reasons = ", ".join(f"{n:,} {reason}" for reason, n in self.dropped.items())
+        line += f", {dropped:,} dropped" + (f" ({reasons})" if reasons else "")
+        if self.n_remainder_tokens:
+            line += f", {self.n_remainder_tokens:,} tokens after the last full block unused"
+        return line
 
 
 @dataclass(frozen=True)
@@ -93,14 +147,16 @@ class TokenizedData:
     """Train and validation examples plus loading statistics.
 
     Args:
-        train: training examples.
-        val: validation examples.
+        train: training examples (packed rows when packing).
+        val: validation examples (packed rows when packing).
         stats: counts describing the load.
+        warnings: things the user should know about the data (printed before training).
     """
 
     train: list[Example]
     val: list[Example]
     stats: DataStats
+    warnings: tuple[str, ...] = ()
 
 
 def default_data_path() -> Path:
@@ -113,207 +169,102 @@ def default_data_path() -> Path:
 
 
 def load_dataset(cfg: DataConfig, tokenizer: "PreTrainedTokenizerBase") -> TokenizedData:
-    """Read, tokenize and split the data set that ``cfg`` names.
+    """Read, tokenize, split and pack the data set that ``cfg`` names.
 
     Args:
         cfg: the data settings.
-        tokenizer: a Hugging Face tokenizer; chat rows need a fast one with a chat template.
+        tokenizer: a Hugging Face tokenizer; chat data needs a chat template (its own or ``cfg.chat_template``),
+            which is set on this tokenizer so that the run saves it.
 
     Returns:
         The deterministic train/validation split and its statistics.
 
     Raises:
-        EdgetuneError: the file is missing, unreadable, empty, not UTF-8, of an unsupported type, malformed, or
-            too short for two examples.
+        EdgetuneError: the data cannot be read, a row does not fit its format, the template is missing or
+            renders no assistant turn, or too few examples are left to train and validate.
     """
-    path = Path(cfg.path).expanduser() if cfg.path is not None else default_data_path()
-    fmt, examples, n_truncated, n_dropped = _examples(path, _read_text(path), cfg, tokenizer)
-    train, val = _split(examples, cfg.val_fraction, cfg.seed, str(path))
-    stats = DataStats(
-        format=fmt,
-        n_examples=len(examples),
-        n_train_tokens=sum(ex["length"] for ex in train),
-        n_val_tokens=sum(ex["length"] for ex in val),
-        n_truncated=n_truncated,
-        n_dropped=n_dropped,
+    warnings = apply_template(tokenizer, cfg.chat_template)
+    train_part = _tokenized(
+        read_data(cfg.path or str(default_data_path()), split=cfg.split, subset=cfg.subset), cfg, tokenizer
     )
-    logger.debug("loaded %s: %s", path, stats)
-    return TokenizedData(train=train, val=val, stats=stats)
-
-
-def pad_token_id(tokenizer: "PreTrainedTokenizerBase") -> int:
-    """The id that pads batches: the tokenizer's pad token, else its eos token.
-
-    Args:
-        tokenizer: a Hugging Face tokenizer.
-
-    Returns:
-        The padding id (padding never receives a loss, so reusing eos is safe).
-
-    Raises:
-        EdgetuneError: the tokenizer has neither a pad nor an eos token.
-    """
-    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if token_id is not None:
-            return int(token_id)
-    raise EdgetuneError("the tokenizer has no pad token and no eos token", "set tokenizer.pad_token before loading")
-
-
-def batches(
-    examples: Sequence[Example],
-    batch_size: int,
-    pad_id: int,
-    *,
-    shuffle: bool = True,
-    seed: int = 0,
-    epoch: int = 0,
-    start: int = 0,
-) -> Iterator[dict[str, torch.Tensor]]:
-    """Iterate over one epoch of padded batches, resumable at any batch.
-
-    The order depends only on ``(seed, epoch)``, so a run that stopped after batch ``k`` of an epoch resumes with
-    ``start=k`` and sees exactly the batches it would have seen.
-
-    Args:
-        examples: examples from ``load_dataset``.
-        batch_size: examples per batch; the last batch may be smaller.
-        pad_id: the padding id (see ``pad_token_id``).
-        shuffle: shuffle the examples; False keeps their order.
-        seed: seeds the shuffle.
-        epoch: the epoch number, mixed into the shuffle seed.
-        start: index of the first batch to yield (batches already consumed this epoch).
-
-    Returns:
-        An iterator of dicts with ``input_ids``, ``labels`` and ``attention_mask``, each ``[batch, longest]``.
-
-    Raises:
-        EdgetuneError: batch_size < 1, there are no examples, or start is past the end of the epoch.
-    """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise EdgetuneError(f"batch_size={batch_size!r} is invalid", "set batch_size to an integer >= 1")
-    if not examples:
-        raise EdgetuneError("there are no examples to batch", "load a data set with at least one example per split")
-    total = math.ceil(len(examples) / batch_size)
-    if not 0 <= start <= total:
-        raise EdgetuneError(f"start={start} is outside the epoch's {total} batches", f"use 0 <= start <= {total}")
-    if shuffle:
-        # seed in the high bits and epoch in the low bits never collide for epochs below 2**32.
-        generator = torch.Generator().manual_seed(((seed << 32) + epoch) % 2**64)
-        order = torch.randperm(len(examples), generator=generator).tolist()
+    if cfg.eval_path is None:
+        train, val = _split(train_part.examples, cfg.val_fraction, cfg.seed, train_part.source)
+        parts = [train_part]
     else:
-        order = list(range(len(examples)))
-    chunks = (order[b * batch_size : (b + 1) * batch_size] for b in range(start, total))
-    return (collate([examples[i] for i in chunk], pad_id) for chunk in chunks)
+        eval_part = _tokenized(read_data(cfg.eval_path, split=cfg.eval_split, subset=cfg.subset), cfg, tokenizer)
+        if not eval_part.examples:
+            raise EdgetuneError(f"{eval_part.source} gives no evaluation example", "check data.eval_path and its rows")
+        train, val, parts = train_part.examples, eval_part.examples, [train_part, eval_part]
+    if not train:
+        raise EdgetuneError(f"{train_part.source} gives no training example", "use more data or a larger seq_len")
+    n_loss = sum(int((ex["labels"] != IGNORE_INDEX).sum()) for ex in train)
+    packed = cfg.packing and train_part.format != "text"
+    if packed:
+        train, val = pack(train, cfg.seq_len), pack(val, cfg.seq_len)
+    dropped: dict[str, int] = {}
+    for part in parts:
+        for reason, n in part.dropped.items():
+            dropped[reason] = dropped.get(reason, 0) + n
+    stats = DataStats(
+        source=train_part.source,
+        format=train_part.format,
+        n_rows=sum(part.n_rows for part in parts),
+        n_examples=sum(len(part.examples) for part in parts),
+        n_train_tokens=sum(int(ex["length"]) for ex in train),
+        n_val_tokens=sum(int(ex["length"]) for ex in val),
+        n_loss_tokens=n_loss,
+        n_truncated=sum(part.n_truncated for part in parts),
+        dropped=dropped,
+        n_remainder_tokens=sum(part.n_remainder for part in parts),
+        n_train_rows=len(train),
+        packed=packed,
+    )
+    logger.debug("loaded %s", stats)
+    return TokenizedData(train=train, val=val, stats=stats, warnings=tuple(warnings))
 
 
-def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad examples into one batch.
+@dataclass(frozen=True)
+class _Part:
+    """One source's examples and counts."""
 
-    Args:
-        examples: examples with 1-D ``input_ids`` and ``labels``.
-        pad_id: the id written into padding positions.
-
-    Returns:
-        ``input_ids`` (pad_id on padding), ``labels`` (-100 on padding) and ``attention_mask`` (0 on padding),
-        each ``[len(examples), longest]`` long.
-    """
-    longest = max(int(ex["input_ids"].numel()) for ex in examples)
-    input_ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), longest), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), longest), dtype=torch.long)
-    for row, ex in enumerate(examples):
-        n = int(ex["input_ids"].numel())
-        input_ids[row, :n] = ex["input_ids"]
-        labels[row, :n] = ex["labels"]
-        attention_mask[row, :n] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    source: str
+    format: str
+    n_rows: int
+    examples: list[Example]
+    n_truncated: int
+    dropped: dict[str, int]
+    n_remainder: int
 
 
-def _examples(
-    path: Path, text: str, cfg: DataConfig, tokenizer: "PreTrainedTokenizerBase"
-) -> tuple[DataFormat, list[Example], int, int]:
-    """Examples of the file's format, with the truncated-example and dropped-token counts."""
-    suffix = path.suffix.lower()
-    if suffix in (".txt", ".csv"):
-        texts = [text] if suffix == ".txt" else _csv_texts(path, text, cfg.text_column)
-        return suffix[1:], *_pack(texts, tokenizer, cfg.seq_len, str(path))  # type: ignore[return-value]
-    kind, rows = read_rows(path, text, cfg.text_column)
-    if kind == "text":
-        return "jsonl-text", *_pack([row[cfg.text_column] for row in rows], tokenizer, cfg.seq_len, str(path))
-    if kind == "prompt-completion":
-        pairs, fmt = prompt_completion_pairs(rows, tokenizer), "jsonl-prompt-completion"
-    else:
-        pairs, fmt = chat_pairs(rows, tokenizer), "jsonl-chat"
-    kept, n_truncated, n_dropped = truncate_pairs(pairs, cfg.seq_len)
-    if len(kept) < 2 and len(pairs) > len(kept):
-        raise EdgetuneError(
-            f"{path} keeps {len(kept)} of {len(pairs)} examples at seq_len={cfg.seq_len}: the others' prompts fill "
-            "all of seq_len, leaving no completion token to learn",
-            "raise data.seq_len (it must hold a prompt and part of its answer)",
-        )
-    if len(kept) < len(pairs):
-        logger.warning("dropped %d examples with no completion/assistant token within seq_len", len(pairs) - len(kept))
-    examples = [{"input_ids": torch.tensor(ids), "labels": torch.tensor(lab), "length": len(ids)} for ids, lab in kept]
-    return fmt, examples, n_truncated, n_dropped
-
-
-def _read_text(path: Path) -> str:
-    """The file's text with newlines normalised, or an EdgetuneError saying why it cannot be used."""
-    if not path.exists():
-        raise EdgetuneError(f"data file {path} does not exist", "check the path, or leave path unset for the default")
-    if path.is_dir():
-        raise EdgetuneError(f"data path {path} is a directory", f"point path at a {'/'.join(SUPPORTED_SUFFIXES)} file")
-    if path.suffix.lower() not in SUPPORTED_SUFFIXES:
-        raise EdgetuneError(
-            f"data file {path} has unsupported type {path.suffix or '(no suffix)'!r}",
-            f"use one of {', '.join(SUPPORTED_SUFFIXES)}",
-        )
-    try:
-        raw = path.read_bytes()
-    except PermissionError:
-        raise EdgetuneError(f"data file {path} is not readable (permission denied)", "fix its permissions") from None
-    except OSError as exc:
-        raise EdgetuneError(f"data file {path} cannot be read ({exc})", "check the file and its disk") from None
-    try:
-        # utf-8-sig drops the byte-order mark that spreadsheet programs put in front of exported CSVs.
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise EdgetuneError(f"data file {path} is not UTF-8 (bad byte at {exc.start})", "save it as UTF-8") from None
-    if not text.strip():
-        raise EdgetuneError(f"data file {path} is empty", "put text in it or point path at another file")
-    return text.replace("\r\n", "\n").replace("\r", "\n")
-
-
-def _csv_texts(path: Path, text: str, column: str) -> list[str]:
-    """The non-blank cells of ``column``."""
-    reader = csv.DictReader(io.StringIO(text))
-    try:
-        columns = reader.fieldnames or []
-        if column not in columns:
-            shown = ", ".join(repr(name if len(name) <= 40 else name[:37] + "...") for name in columns[:20])
+def _tokenized(raw: Any, cfg: DataConfig, tokenizer: "PreTrainedTokenizerBase") -> _Part:
+    samples: Samples = normalise(raw, cfg.format, cfg.text_column)
+    n_rows = len(raw.rows) if raw.text is None else 1
+    dropped = dict(samples.dropped)
+    if samples.format == "text":
+        blocks, remainder = _text_blocks([s["text"] for s in samples.samples], tokenizer, cfg.seq_len, raw.source)
+        return _Part(raw.source, "text", n_rows, blocks, 0, dropped, remainder)
+    if "messages" in (samples.samples[0] if samples.samples else {}):
+        require_template(tokenizer, samples.format)
+    pairs = sample_pairs(samples.samples, tokenizer, train_on_prompt=cfg.train_on_prompt)
+    kept, n_truncated, n_no_loss = truncate_pairs(pairs, cfg.seq_len)
+    if n_no_loss:
+        dropped[f"no answer token within seq_len={cfg.seq_len}"] = n_no_loss
+        if len(kept) < 2:
             raise EdgetuneError(
-                f"{path} has no column {column!r} (columns: {shown}{', ...' if len(columns) > 20 else ''})",
-                "set text_column to the column that holds the text",
+                f"{raw.source} keeps {len(kept)} of {len(pairs)} examples at seq_len={cfg.seq_len}: the others' "
+                "prompts fill all of seq_len, leaving no answer token to learn",
+                "raise data.seq_len (it must hold a prompt and part of its answer)",
             )
-        texts = [row[column] for row in reader if (row.get(column) or "").strip()]
-    except csv.Error as exc:
-        # csv refuses a field over csv.field_size_limit() (131,072 characters); raising the limit would change
-        # the process-wide setting of whatever application embeds edgetune.
-        raise EdgetuneError(
-            f"{path} is not valid CSV near line {reader.line_num} ({exc})",
-            "fix that line; put texts longer than 131,072 characters in a .txt or .jsonl file",
-        ) from None
-    if not texts:
-        raise EdgetuneError(f"{path} has no text in column {column!r}", "fill the column or pick another text_column")
-    return texts
+    examples = [{"input_ids": torch.tensor(ids), "labels": torch.tensor(lab), "length": len(ids)} for ids, lab in kept]
+    return _Part(raw.source, samples.format, n_rows, examples, n_truncated, dropped, 0)
 
 
-def _pack(
+def _text_blocks(
     texts: list[str], tokenizer: "PreTrainedTokenizerBase", seq_len: int, source: str
-) -> tuple[list[Example], int, int]:
+) -> tuple[list[Example], int]:
     """Concatenate texts (eos between them) and cut the tokens into seq_len blocks.
 
-    Returns the blocks, 0 truncated examples (packing never truncates) and the dropped remainder's token count.
+    Returns the blocks and the unused remainder's token count.
     """
     eos = tokenizer.eos_token_id
     ids: list[int] = []
@@ -330,7 +281,7 @@ def _pack(
         )
     blocks = torch.tensor(ids[: n_blocks * seq_len], dtype=torch.long).view(n_blocks, seq_len)
     examples = [{"input_ids": block, "labels": block.clone(), "length": seq_len} for block in blocks]
-    return examples, 0, len(ids) - n_blocks * seq_len
+    return examples, len(ids) - n_blocks * seq_len
 
 
 def _split(examples: list[Example], val_fraction: float, seed: int, source: str) -> tuple[list[Example], list[Example]]:

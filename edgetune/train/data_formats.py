@@ -96,7 +96,7 @@ def detect_format(raw: RawData, text_column: str = "text") -> DataFormat:
             raise EdgetuneError(
                 f"{raw.where(i)} has keys {show_keys(row)} which match no data format; expected one of: "
                 + "; ".join(f"{name}: {_keys_line(name, text_column)}" for name in FORMATS),
-                "rename the keys, or set data.format",
+                "rename the keys, set data.text_column to the column that holds plain text, or set data.format",
             )
         if found is None:
             found, first = fmt, i

@@ -7,7 +7,7 @@ more than the rest of an evaluation step. Running the decoder once and the outpu
 
 import torch
 
-from edgetune.train.data import batches
+from edgetune.train.batching import batches
 
 CHUNK_POSITIONS = 128
 
@@ -16,7 +16,13 @@ CHUNK_POSITIONS = 128
 def streamed_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
     """Sum of next-token cross-entropy over the labelled positions of one batch, and how many there were."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))[0]
+    # Packed rows carry position_ids and no mask; the decoder builds their block-diagonal mask from them.
+    hidden = base.get_decoder()(
+        input_ids=batch["input_ids"],
+        attention_mask=batch.get("attention_mask"),
+        position_ids=batch.get("position_ids"),
+        use_cache=False,  # with a cache, transformers would not read packed position ids as separate sequences
+    )[0]
     head = base.get_output_embeddings()
     targets = batch["labels"][:, 1:]
     total, count = 0.0, 0

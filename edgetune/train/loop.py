@@ -23,8 +23,9 @@ from edgetune.plan.decide import Decision, decide, plan_run
 from edgetune.plan.device import read_devices
 from edgetune.plan.inventory import inspect_model
 from edgetune.plan.sources import resolve_model
+from edgetune.train.batching import pad_token_id
 from edgetune.train.config import TrainConfig
-from edgetune.train.data import TokenizedData, load_dataset, pad_token_id
+from edgetune.train.data import load_dataset
 from edgetune.train.evaluation import held_out_loss
 from edgetune.train.loading import load_tokenizer
 from edgetune.train.memory import MemoryProbe, current_memory, resident_bytes
@@ -153,7 +154,9 @@ def _train(config: TrainConfig, resume: bool, on_step, notify: Callable[[str], N
     session = make_session(
         decision.strategy, micro_batch=config.train.batch_size, accumulation=config.train.grad_accumulation
     )
-    notify(_data_report(data))
+    notify(data.stats.describe())
+    for warning in data.warnings:
+        notify(f"warning: {warning}")
     notify(f"strategy {decision.strategy.name}: {decision.reason}")
     # The folder is written only once the model loaded: a model that fails to load leaves nothing behind.
     if action == "restart":
@@ -256,15 +259,6 @@ def _decide(config: TrainConfig, source, device: torch.device) -> Decision:
         budget = budget_of_device(read_devices()[0])
     result = plan_run(source.name, inspect_model(source), config.run_shape(), budget)
     return decide(result, config.train.strategy, force=config.train.force)
-
-
-def _data_report(data: TokenizedData) -> str:
-    stats = data.stats
-    return (
-        f"data: {stats.format}, {stats.n_examples:,} examples ({len(data.train):,} training, {len(data.val):,} "
-        f"held out), {stats.n_train_tokens + stats.n_val_tokens:,} tokens, {stats.n_truncated:,} truncated, "
-        f"{stats.n_dropped:,} tokens dropped"
-    )
 
 
 def _log_adaptation(run_dir: Path, session: Session, step: int, notify: Callable[[str], None]) -> None:

@@ -19,7 +19,8 @@ import torch
 from edgetune.errors import EdgetuneError
 from edgetune.plan.sources import DEFAULT_MODEL_KEY, resolve_model
 from edgetune.plan.strategies import PRECISIONS, STRATEGIES, Precision, Strategy
-from edgetune.train.data import DataConfig, batches, load_dataset, pad_token_id
+from edgetune.train.batching import batches, pad_token_id
+from edgetune.train.data import DataConfig, load_dataset
 from edgetune.train.evaluation import held_out_loss
 from edgetune.train.loading import LoraSettings, load_model, load_tokenizer
 from edgetune.train.memory import MemoryProbe, MemoryReport, resident_bytes

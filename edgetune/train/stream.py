@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import torch
 
-from edgetune.train.data import batches
+from edgetune.train.batching import batches
 
 Batch = dict[str, torch.Tensor]
 

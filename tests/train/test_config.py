@@ -259,7 +259,13 @@ def test_describe_fields_covers_every_field():
 
 
 @pytest.mark.parametrize(
-    ("name", "strategy"), [("smollm2-qlora", "scaled-adamw-qlora-gc"), ("smollm2-hizoo", "hizoo-qlora")]
+    ("name", "strategy"),
+    [
+        ("smollm2-qlora", "scaled-adamw-qlora-gc"),
+        ("smollm2-hizoo", "hizoo-qlora"),
+        ("smollm2-alpaca", None),
+        ("smollm2-chat", None),
+    ],
 )
 def test_example_configs_load_and_are_generated(name, strategy):
     relative = f"examples/configs/{name}.yaml"
@@ -268,6 +274,23 @@ def test_example_configs_load_and_are_generated(name, strategy):
     assert cfg.train.strategy == strategy and cfg.model.name == "smollm2-135m"
     assert text.splitlines()[0] == f"# edgetune train {relative}"
     assert text == cfg.to_yaml(relative), "regenerate the example with TrainConfig.to_yaml"
+
+
+@pytest.mark.default_model
+@pytest.mark.parametrize("name", ["smollm2-alpaca", "smollm2-chat"])
+def test_the_instruction_and_chat_examples_load_their_data_as_written(name, monkeypatch):
+    from edgetune.plan.sources import resolve_model
+    from edgetune.train.data import load_dataset
+    from edgetune.train.loading import load_tokenizer
+
+    monkeypatch.chdir(EXAMPLES.parents[1])  # the README runs them from the repository root
+    cfg = load_config(EXAMPLES / f"{name}.yaml", [])
+    data = load_dataset(cfg.data, load_tokenizer(resolve_model(cfg.model.name)))
+    stats = data.stats
+    assert stats.format == cfg.data.format and stats.packed and stats.n_rows > 2000
+    # SmolLM2's own ChatML template: answers (and their end-of-turn token) are about a third of the tokens.
+    assert 0.2 < stats.n_loss_tokens / stats.n_train_tokens < 0.6
+    assert sum(stats.dropped.values()) < 0.01 * stats.n_rows and stats.n_truncated < 0.03 * stats.n_rows
 
 
 # ---- knobs other tools have, and their names ----

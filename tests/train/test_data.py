@@ -10,15 +10,9 @@ from conftest import CHATML, make_tokenizer
 from transformers import PreTrainedTokenizerFast
 
 from edgetune.errors import EdgetuneError
-from edgetune.train.data import (
-    DataConfig,
-    batches,
-    collate,
-    default_data_path,
-    load_dataset,
-    pad_token_id,
-)
-from edgetune.train.jsonl import IGNORE_INDEX
+from edgetune.train.batching import batches, collate, pad_token_id
+from edgetune.train.data import DataConfig, default_data_path, load_dataset
+from edgetune.train.tokens import IGNORE_INDEX
 
 TEXT = (
     "Alice was beginning to get very tired of sitting by her sister on the bank, and of having nothing to do: "
@@ -74,7 +68,7 @@ def check_packed(data, ids, seq_len):
         assert ex["input_ids"].dtype == torch.long and ex["input_ids"].shape == (seq_len,)
         assert torch.equal(ex["labels"], ex["input_ids"]) and ex["length"] == seq_len
     assert data.stats.n_examples == n_blocks
-    assert data.stats.n_dropped == len(ids) - n_blocks * seq_len
+    assert data.stats.n_remainder_tokens == len(ids) - n_blocks * seq_len
     assert data.stats.n_train_tokens == len(data.train) * seq_len
     assert data.stats.n_val_tokens == len(data.val) * seq_len
 
@@ -85,7 +79,7 @@ def test_txt_packs_exact_blocks_and_drops_remainder(tmp_path, tok):
     assert len(ids) % seq_len != 0 and len(ids) // seq_len >= 4  # the test needs a remainder to drop
     data = load_dataset(DataConfig(path=write(tmp_path, "a.txt", TEXT), seq_len=seq_len), tok)
     check_packed(data, ids, seq_len)
-    assert data.stats.format == "txt" and data.stats.n_truncated == 0
+    assert data.stats.format == "text" and data.stats.n_truncated == 0 and data.stats.n_rows == 1
 
 
 def test_txt_line_endings_are_normalised(tmp_path, tok):
@@ -101,7 +95,7 @@ def test_jsonl_text_rows_are_joined_with_eos(tmp_path, tok):
     ids = eos_joined(tok, texts)
     data = load_dataset(DataConfig(path=path, seq_len=5), tok)
     check_packed(data, ids, 5)
-    assert data.stats.format == "jsonl-text"
+    assert data.stats.format == "text" and data.stats.n_rows == 3
 
 
 def test_jsonl_uses_text_column(tmp_path, tok):
@@ -121,9 +115,9 @@ PC_ROWS = [
 @pytest.mark.parametrize("bos", [False, True])
 def test_prompt_completion_masks_exactly_the_prompt(tmp_path, bos):
     tok = make_tokenizer(bos=bos)
-    data = load_dataset(DataConfig(path=write_jsonl(tmp_path, PC_ROWS), seq_len=64), tok)
-    assert data.stats.format == "jsonl-prompt-completion"
-    assert data.stats.n_examples == len(PC_ROWS) and data.stats.n_truncated == 0 and data.stats.n_dropped == 0
+    data = load_dataset(DataConfig(path=write_jsonl(tmp_path, PC_ROWS), seq_len=64, packing=False), tok)
+    assert data.stats.format == "prompt-completion"
+    assert data.stats.n_examples == len(PC_ROWS) and data.stats.n_truncated == 0 and data.stats.dropped == {}
     head = [tok.bos_token_id] if bos else []
     expected = {}
     for row in PC_ROWS:
@@ -146,10 +140,10 @@ def test_prompt_completion_truncation_and_unlabelled_drop(tmp_path, tok):
     lengths = [n + len(ids_of(tok, r["completion"])) + 1 for n, r in zip(prompt_lens, rows, strict=True)]
     unlabelled = [n >= seq_len for n in prompt_lens]  # the prompt fills the whole window: nothing left to learn
     assert 0 < sum(unlabelled) < len(rows) - 1 and min(lengths) < seq_len  # the rows exercise every case
-    data = load_dataset(DataConfig(path=write_jsonl(tmp_path, rows), seq_len=seq_len), tok)
+    data = load_dataset(DataConfig(path=write_jsonl(tmp_path, rows), seq_len=seq_len, packing=False), tok)
     assert data.stats.n_truncated == sum(n > seq_len for n in lengths)
     assert data.stats.n_examples == len(rows) - sum(unlabelled)
-    assert data.stats.n_dropped == seq_len * sum(unlabelled)
+    assert data.stats.dropped == {f"no answer token within seq_len={seq_len}": sum(unlabelled)}
     assert sorted(ex["length"] for ex in all_examples(data)) == sorted(
         min(n, seq_len) for n, u in zip(lengths, unlabelled, strict=True) if not u
     )
@@ -191,8 +185,9 @@ def labelled_segments(tok, ex):
 
 
 def test_chat_labels_only_assistant_content_and_end_token(tmp_path, tok):
-    data = load_dataset(DataConfig(path=write_jsonl(tmp_path, CHATS), seq_len=128, val_fraction=0.5), tok)
-    assert data.stats.format == "jsonl-chat"
+    cfg = DataConfig(path=write_jsonl(tmp_path, CHATS), seq_len=128, val_fraction=0.5, packing=False)
+    data = load_dataset(cfg, tok)
+    assert data.stats.format == "messages"
     by_len = sorted(all_examples(data), key=lambda ex: ex["length"])
     assert labelled_segments(tok, by_len[0]) == ["jumps over the lazy dog<|im_end|>"]
     assert labelled_segments(tok, by_len[1]) == ["hello, how are you?<|im_end|>", "thank you<|im_end|>"]
@@ -204,8 +199,9 @@ def test_chat_inconsistent_template_falls_back_to_all_tokens_and_warns_once(tmp_
     tok = make_tokenizer()
     # Writing the number of messages first makes every prefix render differently from the whole conversation.
     tok.chat_template = "{{ messages | length }}" + CHATML
-    with caplog.at_level(logging.WARNING, logger="edgetune.train.jsonl"):
-        data = load_dataset(DataConfig(path=write_jsonl(tmp_path, CHATS), seq_len=128, val_fraction=0.5), tok)
+    cfg = DataConfig(path=write_jsonl(tmp_path, CHATS), seq_len=128, val_fraction=0.5, packing=False)
+    with caplog.at_level(logging.WARNING, logger="edgetune.train.tokens"):
+        data = load_dataset(cfg, tok)
     for ex in all_examples(data):
         assert torch.equal(ex["labels"], ex["input_ids"])
     assert len([r for r in caplog.records if "assistant turns" in r.getMessage()]) == 1
@@ -216,7 +212,7 @@ def test_chat_without_template_is_an_error(tmp_path):
     tok.chat_template = None
     with pytest.raises(EdgetuneError) as err:
         load_dataset(DataConfig(path=write_jsonl(tmp_path, CHATS)), tok)
-    assert "no chat template" in err.value.problem and "chat_template" in err.value.fix
+    assert "has none" in err.value.problem and "data.chat_template" in err.value.fix
 
 
 def test_chat_template_failure_names_the_conversation(tmp_path):
@@ -240,7 +236,7 @@ def test_csv_column_is_packed(tmp_path, tok):
     ids = eos_joined(tok, texts)
     data = load_dataset(DataConfig(path=str(path), seq_len=5), tok)
     check_packed(data, ids, 5)
-    assert data.stats.format == "csv"
+    assert data.stats.format == "text" and data.stats.dropped == {"blank text": 1}
 
 
 def error_of(cfg, tok):
@@ -259,9 +255,9 @@ def test_missing_file_and_directory(tmp_path, tok):
 
 
 def test_unsupported_suffix_lists_supported(tmp_path, tok):
-    exc = error_of(DataConfig(path=write(tmp_path, "d.parquet", "x")), tok)
-    assert "'.parquet'" in exc.problem
-    assert all(s in exc.fix for s in (".txt", ".jsonl", ".csv"))
+    exc = error_of(DataConfig(path=write(tmp_path, "d.xlsx", "x")), tok)
+    assert "'.xlsx'" in exc.problem
+    assert all(s in exc.fix for s in (".txt", ".jsonl", ".json", ".csv", ".parquet"))
 
 
 def test_unreadable_file(tmp_path, tok, monkeypatch):
@@ -291,32 +287,32 @@ def test_non_utf8_file(tmp_path, tok):
 def test_jsonl_bad_line_names_line_and_expected_keys(tmp_path, tok):
     path = write(tmp_path, "d.jsonl", '{"text": "fine"}\n\n{"text": "oops"\n')
     exc = error_of(DataConfig(path=path), tok)
-    assert "d.jsonl line 3" in exc.problem and "not valid JSON" in exc.problem
-    assert all(k in exc.fix for k in ('"text"', '"prompt"', '"completion"', '"messages"'))
+    assert "d.jsonl line 3" in exc.problem and "not valid JSON" in exc.problem and "JSON object per line" in exc.fix
 
 
 def test_jsonl_row_without_keys_names_line_and_keys(tmp_path, tok):
     path = write_jsonl(tmp_path, [{"text": "fine"}, {"prompt": "only a prompt"}])
     exc = error_of(DataConfig(path=path), tok)
-    assert "d.jsonl line 2" in exc.problem and "none of the expected keys" in exc.problem and "'prompt'" in exc.problem
-    assert all(k in exc.fix for k in ('"text"', '"prompt"', '"completion"', '"messages"'))
+    assert "d.jsonl line 2" in exc.problem and "match no data format" in exc.problem and "'prompt'" in exc.problem
+    assert all(k in exc.problem for k in ('"text"', '"prompt"', '"completion"', '"messages"', '"instruction"'))
+    assert "data.format" in exc.fix
     exc = error_of(DataConfig(path=write_jsonl(tmp_path, [["a", "list"]])), tok)
-    assert "line 1" in exc.problem and "list" in exc.problem
+    assert "line 1" in exc.problem and "an array, not a JSON object" in exc.problem
 
 
 def test_jsonl_mixed_kinds(tmp_path, tok):
     path = write_jsonl(tmp_path, [PC_ROWS[0], PC_ROWS[1], {"text": "plain"}])
     exc = error_of(DataConfig(path=path), tok)
     assert "line 3 is a text row" in exc.problem and "line 1 is a prompt-completion row" in exc.problem
-    assert "one kind" in exc.fix
+    assert "one format per file" in exc.fix
 
 
 def test_jsonl_wrong_value_types(tmp_path, tok):
     exc = error_of(DataConfig(path=write_jsonl(tmp_path, [{"prompt": "p", "completion": 3}])), tok)
-    assert "line 1" in exc.problem and "'completion' is a int" in exc.problem
+    assert "line 1" in exc.problem and "'completion' is an int" in exc.problem
     bad_chat = [{"messages": [{"role": "user", "text": "no content key"}]}]
     exc = error_of(DataConfig(path=write_jsonl(tmp_path, bad_chat)), tok)
-    assert "line 1" in exc.problem and '"messages"' in exc.problem and '"role"' in exc.fix
+    assert "line 1" in exc.problem and "content" in str(exc)
 
 
 def test_too_few_tokens_for_one_block(tmp_path, tok):
@@ -334,7 +330,7 @@ def test_one_example_cannot_be_split(tmp_path, tok):
 
 def test_csv_missing_column_lists_columns(tmp_path, tok):
     exc = error_of(DataConfig(path=write(tmp_path, "d.csv", "id,body\n1,hello\n")), tok)
-    assert "no column 'text'" in exc.problem and "'id', 'body'" in exc.problem and "text_column" in exc.fix
+    assert "d.csv line 2" in exc.problem and "['id', 'body']" in exc.problem and "text_column" in exc.fix
 
 
 @pytest.mark.parametrize(
@@ -423,6 +419,127 @@ def test_bundled_default_text(tok):
     assert (path.parent / "README.md").is_file()
     data = load_dataset(DataConfig(), tok)
     n_tokens = len(ids_of(tok, text))
-    assert data.stats.format == "txt" and data.stats.n_examples == n_tokens // 256
-    assert data.stats.n_dropped == n_tokens % 256
+    assert data.stats.format == "text" and data.stats.n_examples == n_tokens // 256
+    assert data.stats.n_remainder_tokens == n_tokens % 256
     assert len(data.val) == round(data.stats.n_examples * 0.1)
+
+
+# ---- every format, every source: the same conversations give the same tokens and loss masks ----
+
+CHATTERBOT = pathlib.Path(__file__).resolve().parents[2] / "examples" / "data" / "chatterbot-chat.jsonl"
+
+
+def chatterbot_pairs(n=24):
+    """The first n single-question conversations of the example chat file (real chatterbot-corpus text)."""
+    pairs = []
+    for line in CHATTERBOT.read_text(encoding="utf-8").splitlines():
+        messages = json.loads(line)["messages"]
+        if len(messages) == 2:
+            pairs.append((messages[0]["content"], messages[1]["content"]))
+        if len(pairs) == n:
+            return pairs
+    raise AssertionError("the example chat file has too few question/answer pairs")
+
+
+def as_format(fmt, pairs):
+    """The pairs as rows of one data format, the way people write them."""
+    rows = {
+        "alpaca": [{"instruction": q, "input": "", "output": a} for q, a in pairs],
+        "sharegpt": [{"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]} for q, a in pairs],
+        "messages": [
+            {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in pairs
+        ],
+        "parts": [
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "text", "text": q}]},
+                    {"role": "assistant", "content": [{"type": "text", "text": a}]},
+                ]
+            }
+            for q, a in pairs
+        ],
+        "prompt-completion": [
+            {"prompt": [{"role": "user", "content": q}], "completion": [{"role": "assistant", "content": a}]}
+            for q, a in pairs
+        ],
+    }
+    return rows[fmt]
+
+
+def write_rows(tmp_path, rows, kind):
+    """Rows written as a .jsonl, .json, .parquet file or a save_to_disk folder."""
+    if kind == "jsonl":
+        return write_jsonl(tmp_path, rows)
+    if kind == "json":
+        return write(tmp_path, "d.json", json.dumps(rows))
+    import datasets
+
+    table = datasets.Dataset.from_list(rows)
+    if kind == "parquet":
+        table.to_parquet(str(tmp_path / "d.parquet"))
+        return str(tmp_path / "d.parquet")
+    table.save_to_disk(str(tmp_path / "saved"))
+    return str(tmp_path / "saved")
+
+
+def token_pairs(data):
+    return [(ex["input_ids"].tolist(), ex["labels"].tolist()) for ex in data.train + data.val]
+
+
+@pytest.mark.parametrize("fmt", ["alpaca", "sharegpt", "parts", "prompt-completion"])
+@pytest.mark.parametrize("kind", ["jsonl", "json", "parquet", "saved"])
+def test_the_same_conversations_in_any_format_and_source_give_the_same_tokens(tmp_path, tok, fmt, kind):
+    pairs = chatterbot_pairs()
+    reference = load_dataset(DataConfig(path=write_jsonl(tmp_path, as_format("messages", pairs), "ref.jsonl")), tok)
+    data = load_dataset(DataConfig(path=write_rows(tmp_path, as_format(fmt, pairs), kind)), tok)
+    assert token_pairs(data) == token_pairs(reference)
+    assert data.stats.n_rows == len(pairs) and data.stats.format == ("messages" if fmt == "parts" else fmt)
+    unpacked = load_dataset(DataConfig(path=write_rows(tmp_path, as_format(fmt, pairs), "jsonl"), packing=False), tok)
+    for ex in unpacked.train + unpacked.val:  # loss exactly on the answer and its end-of-turn token
+        answer = tok.decode([t for t, label in zip(ex["input_ids"], ex["labels"], strict=True) if label != -100])
+        assert answer.endswith("<|im_end|>") and answer[: -len("<|im_end|>")] in {a for _, a in pairs}
+
+
+def test_chat_examples_are_packed_by_default_and_the_report_says_so(tmp_path, tok):
+    path = write_jsonl(tmp_path, as_format("messages", chatterbot_pairs()))
+    packed = load_dataset(DataConfig(path=path, seq_len=128), tok)
+    padded = load_dataset(DataConfig(path=path, seq_len=128, packing=False), tok)
+    assert packed.stats.packed and not padded.stats.packed
+    assert len(packed.train) < len(padded.train) and all("position_ids" in row for row in packed.train)
+    assert packed.stats.n_train_tokens == padded.stats.n_train_tokens
+    line = packed.stats.describe()
+    assert line.startswith("data: messages from ") and "packed into" in line and "in the loss" in line
+
+
+def test_train_on_prompt_puts_the_question_in_the_loss(tmp_path, tok):
+    path = write_jsonl(tmp_path, as_format("alpaca", chatterbot_pairs()))
+    answers_only = load_dataset(DataConfig(path=path, packing=False), tok)
+    everything = load_dataset(DataConfig(path=path, packing=False, train_on_prompt=True), tok)
+    assert everything.stats.n_loss_tokens == everything.stats.n_train_tokens
+    assert answers_only.stats.n_loss_tokens < answers_only.stats.n_train_tokens / 1.2
+
+
+def test_a_separate_eval_file_replaces_the_held_out_share(tmp_path, tok):
+    pairs = chatterbot_pairs()
+    train_path = write_jsonl(tmp_path, as_format("messages", pairs[:20]), "train.jsonl")
+    eval_path = write(tmp_path, "eval.json", json.dumps(as_format("alpaca", pairs[20:])))
+    data = load_dataset(DataConfig(path=train_path, eval_path=eval_path, packing=False), tok)
+    assert (len(data.train), len(data.val), data.stats.n_rows) == (20, 4, 24)
+
+
+def test_chat_template_sets_a_template_on_a_base_tokenizer(tmp_path):
+    tok = make_tokenizer()
+    tok.chat_template = None
+    path = write_jsonl(tmp_path, as_format("messages", chatterbot_pairs()))
+    with pytest.raises(EdgetuneError, match="data.chat_template"):
+        load_dataset(DataConfig(path=path), tok)
+    data = load_dataset(DataConfig(path=path, chat_template="zephyr", packing=False), tok)
+    assert "<|assistant|>" in tok.chat_template and "<|assistant|>" in tok.decode(data.train[0]["input_ids"])
+
+
+@pytest.mark.parametrize(
+    "key,value", [("format", "csv"), ("packing", "yes"), ("train_on_prompt", 1), ("eval_path", " "), ("split", "")]
+)
+def test_new_keys_are_validated(key, value):
+    with pytest.raises(EdgetuneError, match=f"data.{key}"):
+        DataConfig(**{key: value})

@@ -130,7 +130,8 @@ def test_lora_settings_are_validated(kwargs, message):
 @pytest.mark.default_model
 def test_the_default_model_trains_in_nf4_with_lora_and_checkpointing():
     from edgetune.plan.sources import resolve_model
-    from edgetune.train.data import DataConfig, batches, load_dataset, pad_token_id
+    from edgetune.train.batching import batches, pad_token_id
+    from edgetune.train.data import DataConfig, load_dataset
     from edgetune.train.loading import load_tokenizer
 
     resolved = resolve_model("smollm2-135m")

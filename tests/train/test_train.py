@@ -21,9 +21,10 @@ from conftest import tiny_train_overrides, write_tiny_text
 
 from edgetune import CancelToken, api, cli
 from edgetune.errors import EdgetuneError
+from edgetune.train.batching import pad_token_id
 from edgetune.train.checkpoint import list_checkpoints, load_latest_checkpoint
 from edgetune.train.config_file import load_config
-from edgetune.train.data import DataConfig, load_dataset, pad_token_id
+from edgetune.train.data import DataConfig, load_dataset
 from edgetune.train.evaluation import held_out_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
