@@ -13,7 +13,8 @@ Conversations carry the most structure, so they win; a bare ``text`` column is o
 A sample is one of three shapes: ``{"text": str}``, ``{"prompt": str, "completion": str}`` (joined as they are,
 never templated), or ``{"messages": [...], "tools": [...]}`` (``tools`` only when the row has them), whose
 messages hold ``role`` (system, user, assistant or tool), a string ``content`` and, where given, ``tool_calls``,
-``name`` and ``tool_call_id``.
+``name`` and ``tool_call_id``. A conversational prompt/completion sample also has ``answer_from``, the index of
+its first completion message: only assistant turns from there on are answers to learn, as in TRL.
 """
 
 import json
@@ -261,7 +262,8 @@ def _prompt_completion_sample(row: dict, where: str, text_column: str) -> dict:
         return {"prompt": prompt, "completion": completion}
     if isinstance(prompt, list) and isinstance(completion, list):
         messages = _checked_messages(prompt, "prompt", where) + _checked_messages(completion, "completion", where)
-        return _conversation(messages, row, where)
+        # TRL puts only the completion in the loss, also when the prompt holds earlier assistant turns.
+        return _conversation(messages, row, where) | {"answer_from": len(prompt)}
     if isinstance(prompt, str | list) and isinstance(completion, str | list):
         raise EdgetuneError(
             f"{where}: 'prompt' is a {type(prompt).__name__} but 'completion' is a {type(completion).__name__}",

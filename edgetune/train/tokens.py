@@ -91,7 +91,8 @@ def chat_pairs(rows: list[dict[str, Any]], tokenizer: "PreTrainedTokenizerBase")
     logged once per call.
 
     Args:
-        rows: ``{"messages": [{"role", "content", ...}], optional "tools": [...]}`` conversations.
+        rows: ``{"messages": [{"role", "content", ...}], optional "tools": [...]}`` conversations; an optional
+            ``answer_from`` (conversational prompt/completion) keeps earlier assistant turns out of the loss.
         tokenizer: a Hugging Face tokenizer with a chat template.
 
     Returns:
@@ -106,7 +107,8 @@ def chat_pairs(rows: list[dict[str, Any]], tokenizer: "PreTrainedTokenizerBase")
         messages, tools = row["messages"], row.get("tools")
         full = _render(tokenizer, messages, tools, row_no)
         fast = getattr(tokenizer, "is_fast", False)
-        pair = _assistant_pair(tokenizer, messages, tools, full) if fast else None
+        answer_from = row.get("answer_from", 0)
+        pair = _assistant_pair(tokenizer, messages, tools, full, answer_from) if fast else None
         if pair is None:
             if not warned:
                 logger.warning("cannot locate assistant turns with this tokenizer/template; training on all tokens")
@@ -155,12 +157,13 @@ def _render(tokenizer: "PreTrainedTokenizerBase", messages: list[dict], tools: l
 
 
 def _assistant_pair(
-    tokenizer: "PreTrainedTokenizerBase", messages: list[dict], tools: list | None, full: str
+    tokenizer: "PreTrainedTokenizerBase", messages: list[dict], tools: list | None, full: str, answer_from: int = 0
 ) -> TokenPair | None:
-    """Labels on assistant spans only, or None when the template's prefixes do not line up with ``full``."""
+    """Labels on the assistant spans from message ``answer_from`` on, or None when the template's prefixes do not
+    line up with ``full``."""
     spans = []
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or i < answer_from:
             continue
         if i == 0:
             return None  # transformers refuses to render the empty conversation before it

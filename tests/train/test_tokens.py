@@ -83,3 +83,10 @@ def test_truncation_counts_cut_and_dropped_pairs():
     assert kept == [] and n_truncated == 2 and n_dropped == 2
     kept, n_truncated, n_dropped = truncate_pairs(pairs, 3)
     assert len(kept) == 2 and n_truncated == 1 and n_dropped == 0
+
+
+def test_a_conversational_prompt_keeps_its_earlier_assistant_turns_out_of_the_loss():
+    tok = make_tokenizer()
+    sample = dict(CONVERSATION, answer_from=4)  # the prompt ends with the second user turn
+    (pair,) = sample_pairs([sample], tok)
+    assert _decoded_targets(tok, pair) == "fine<|im_end|>"
