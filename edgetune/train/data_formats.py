@@ -17,11 +17,18 @@ messages hold ``role`` (system, user, assistant or tool), a string ``content`` a
 its first completion message: only assistant turns from there on are answers to learn, as in TRL.
 """
 
-import json
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 from edgetune.errors import EdgetuneError
+from edgetune.train.conversations import (
+    alpaca_messages,
+    checked_messages,
+    sharegpt_messages,
+    string_field,
+    tools_of,
+    type_error,
+)
 from edgetune.train.data_sources import RawData, show_keys
 
 DataFormat = Literal["text", "alpaca", "sharegpt", "messages", "prompt-completion"]
@@ -32,20 +39,6 @@ FORMAT_KEYS: dict[DataFormat, str] = {
     "sharegpt": '"conversations": a list of {"from", "value"}, optional "system"',
     "messages": '"messages": a list of {"role", "content"}, optional "tools"',
     "prompt-completion": '"prompt" and "completion": two strings, or two lists of {"role", "content"}',
-}
-
-ROLES = ("system", "user", "assistant", "tool")
-# ShareGPT speakers (LLaMA-Factory's names included): function_call is the assistant calling a tool, written as
-# text in "value"; observation is the tool's answer.
-SHAREGPT_ROLES = {
-    "human": "user",
-    "user": "user",
-    "gpt": "assistant",
-    "assistant": "assistant",
-    "system": "system",
-    "function_call": "assistant",
-    "observation": "tool",
-    "tool": "tool",
 }
 
 
@@ -206,36 +199,21 @@ def _check_fits(raw: RawData, fmt: DataFormat, text_column: str) -> None:
             )
 
 
-def _type_error(where: str, label: str, value: Any, expected: str) -> EdgetuneError:
-    """``label`` names the value as messages show it: a quoted key, or a message's field ("'messages' item 2 ...")."""
-    name = type(value).__name__
-    kind = "null" if value is None else f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
-    return EdgetuneError(f"{where}: {label} is {kind}, not {expected}", f"make {label} {expected}")
-
-
-def _string(row: dict, key: str, where: str, *, optional: bool = False, inside: str = "") -> str:
-    """``row[key]`` as a string; ``inside`` names the message or part that ``row`` is, for messages."""
-    value = row.get(key)
-    if isinstance(value, str) or (value is None and optional):
-        return value or ""
-    raise _type_error(where, f"{inside} {key!r}".lstrip(), value, "a string")
-
-
 def _text_sample(row: dict, where: str, text_column: str) -> dict:
     text = row[text_column]
     if text is None or (isinstance(text, str) and not text.strip()):
         raise _Dropped("blank text")
-    return {"text": _string(row, text_column, where)}
+    return {"text": string_field(row, text_column, where)}
 
 
 def _alpaca_sample(row: dict, where: str, text_column: str) -> dict:
-    instruction = _string(row, "instruction", where)
-    output = _string(row, "output", where, optional=True)
-    messages = _alpaca_messages(
+    instruction = string_field(row, "instruction", where)
+    output = string_field(row, "output", where, optional=True)
+    messages = alpaca_messages(
         instruction,
-        _string(row, "input", where, optional=True),
+        string_field(row, "input", where, optional=True),
         output,
-        _string(row, "system", where, optional=True),
+        string_field(row, "system", where, optional=True),
         row.get("history"),
         where,
     )
@@ -246,12 +224,12 @@ def _alpaca_sample(row: dict, where: str, text_column: str) -> dict:
 
 def _sharegpt_sample(row: dict, where: str, text_column: str) -> dict:
     key = "conversations" if _has(row, "conversations") else "messages"
-    system = _string(row, "system", where, optional=True)
-    return _conversation(_sharegpt_messages(row[key], key, system, where), row, where)
+    system = string_field(row, "system", where, optional=True)
+    return _conversation(sharegpt_messages(row[key], key, system, where), row, where)
 
 
 def _messages_sample(row: dict, where: str, text_column: str) -> dict:
-    return _conversation(_checked_messages(row["messages"], "messages", where), row, where)
+    return _conversation(checked_messages(row["messages"], "messages", where), row, where)
 
 
 def _prompt_completion_sample(row: dict, where: str, text_column: str) -> dict:
@@ -261,7 +239,7 @@ def _prompt_completion_sample(row: dict, where: str, text_column: str) -> dict:
             raise _Dropped("empty answer")
         return {"prompt": prompt, "completion": completion}
     if isinstance(prompt, list) and isinstance(completion, list):
-        messages = _checked_messages(prompt, "prompt", where) + _checked_messages(completion, "completion", where)
+        messages = checked_messages(prompt, "prompt", where) + checked_messages(completion, "completion", where)
         # TRL puts only the completion in the loss, also when the prompt holds earlier assistant turns.
         return _conversation(messages, row, where) | {"answer_from": len(prompt)}
     if isinstance(prompt, str | list) and isinstance(completion, str | list):
@@ -270,7 +248,7 @@ def _prompt_completion_sample(row: dict, where: str, text_column: str) -> dict:
             "make both strings, or both lists of {role, content} messages",
         )
     key, value = ("prompt", prompt) if not isinstance(prompt, str | list) else ("completion", completion)
-    raise _type_error(where, repr(key), value, "a string or a list of messages")
+    raise type_error(where, repr(key), value, "a string or a list of messages")
 
 
 def _conversation(messages: list[dict], row: dict, where: str) -> dict:
@@ -280,7 +258,7 @@ def _conversation(messages: list[dict], row: dict, where: str) -> dict:
         raise _Dropped("no assistant turn")
     if not replies[-1]["content"].strip() and not replies[-1].get("tool_calls"):
         raise _Dropped("empty answer")
-    tools = _tools_of(row, where)
+    tools = tools_of(row, where)
     return {"messages": messages, "tools": tools} if tools is not None else {"messages": messages}
 
 
@@ -291,104 +269,3 @@ _CONVERTERS = {
     "messages": _messages_sample,
     "prompt-completion": _prompt_completion_sample,
 }
-
-
-def _checked_messages(messages: Any, key: str, where: str) -> list[dict]:
-    """Messages in canonical form: role checked, content a string, tool fields passed through."""
-    if not isinstance(messages, list):
-        raise _type_error(where, repr(key), messages, 'a list of {"role", "content"} messages')
-    return [_message(m, f"{key!r} item {n}", where) for n, m in enumerate(messages, start=1)]
-
-
-def _message(message: Any, what: str, where: str) -> dict:
-    if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-        found = f"keys {show_keys(message)}" if isinstance(message, dict) else f"a {type(message).__name__}"
-        raise EdgetuneError(
-            f'{where}: {what} is not a {{"role", "content"}} message (found {found})',
-            'write messages as {"role": "user", "content": "..."}',
-        )
-    role = message["role"]
-    if role not in ROLES:
-        raise EdgetuneError(f"{where}: {what} has role {role!r}", f"use one of the roles {', '.join(ROLES)}")
-    out = {"role": role, "content": _content(message.get("content"), what, where)}
-    for field, kind in (("tool_calls", list), ("name", str), ("tool_call_id", str)):
-        value = message.get(field)
-        if value is not None and not isinstance(value, kind):
-            raise _type_error(where, f"{what} {field!r}", value, f"a {kind.__name__}")
-        if value is not None:
-            out[field] = value
-    if message.get("content") is None and not (role == "assistant" and out.get("tool_calls")):
-        raise EdgetuneError(
-            f"{where}: {what} has no content",
-            "give it a content string (only an assistant turn with tool_calls may have none)",
-        )
-    return out
-
-
-def _content(content: Any, what: str, where: str) -> str:
-    """A message's content as one string; a list of parts is joined, since edgetune trains text-only models."""
-    if isinstance(content, str):
-        return content
-    if content is None:
-        return ""
-    if not isinstance(content, list):
-        raise _type_error(where, f"{what} 'content'", content, "a string or a list of text parts")
-    texts = []
-    for part in content:
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind != "text":
-            shown = repr(kind) if kind is not None else f"a {type(part).__name__}"
-            raise EdgetuneError(
-                f"{where}: {what} has a content part of type {shown}, not text",
-                "remove the non-text parts or the row (edgetune trains text-only models)",
-            )
-        texts.append(_string(part, "text", where, inside=f"{what} content part"))
-    return "".join(texts)
-
-
-def _sharegpt_messages(turns: Any, key: str, system: str, where: str) -> list[dict]:
-    """ShareGPT turns as messages, after the row's system prompt when it has one."""
-    if not isinstance(turns, list):
-        raise _type_error(where, repr(key), turns, 'a list of {"from", "value"} turns')
-    messages = [{"role": "system", "content": system}] if system else []
-    for n, turn in enumerate(turns, start=1):
-        speaker = turn.get("from") if isinstance(turn, dict) else None
-        if not isinstance(speaker, str) or speaker not in SHAREGPT_ROLES:
-            found = f"'from' {speaker!r}" if isinstance(turn, dict) and "from" in turn else "no 'from'"
-            raise EdgetuneError(
-                f"{where}: {key!r} item {n} has {found}",
-                f"set 'from' to one of {', '.join(SHAREGPT_ROLES)}",
-            )
-        messages.append(
-            {"role": SHAREGPT_ROLES[speaker], "content": _string(turn, "value", where, inside=f"{key!r} item {n}")}
-        )
-    return messages
-
-
-def _alpaca_messages(instruction: str, extra: str, output: str, system: str, history: Any, where: str) -> list[dict]:
-    """An alpaca row as messages: system, the history pairs, then the instruction and its output."""
-    messages = [{"role": "system", "content": system}] if system else []
-    if history is not None:
-        pairs_ok = isinstance(history, list) and all(
-            isinstance(p, list | tuple) and len(p) == 2 and all(isinstance(t, str) for t in p) for p in history
-        )
-        if not pairs_ok:
-            raise _type_error(where, "'history'", history, "a list of [user, assistant] string pairs")
-        for user, assistant in history:
-            messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
-    # The instruction and its input are joined with one newline, as LLaMA-Factory's alpaca converter does.
-    user = instruction + "\n" + extra if extra else instruction
-    return messages + [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
-
-
-def _tools_of(row: dict, where: str) -> list | None:
-    """The row's tool schemas; a JSON string (as LLaMA-Factory and many hub data sets store them) is parsed."""
-    tools = row.get("tools")
-    if isinstance(tools, str):
-        try:
-            tools = json.loads(tools) if tools.strip() else None
-        except json.JSONDecodeError:
-            raise EdgetuneError(f"{where}: 'tools' is a string but not valid JSON", "write it as a JSON list") from None
-    if tools is not None and not isinstance(tools, list):
-        raise _type_error(where, "'tools'", tools, "a list of tool schemas")
-    return tools
