@@ -51,6 +51,29 @@ def text_file(ctx, name: str, text: str) -> str:
     return str(ctx.tmp / name)
 
 
+ALPACA_ROW = {"instruction": "Say hello.", "input": "", "output": "hello"}
+MESSAGES = [{"role": "user", "content": "Say hello."}, {"role": "assistant", "content": "hello"}]
+
+
+def jsonl_file(ctx, name: str, *rows: dict) -> str:
+    return text_file(ctx, name, "".join(json.dumps(row) + "\n" for row in rows))
+
+
+def saved_data(ctx) -> str:
+    import datasets
+
+    folder = ctx.tmp / "saved-data"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list([ALPACA_ROW] * 4)}).save_to_disk(str(folder))
+    return str(folder)
+
+
+def parquet_file(ctx) -> str:
+    import datasets
+
+    datasets.Dataset.from_list([{"text": "hello world"}] * 4).to_parquet(str(ctx.tmp / "t.parquet"))
+    return str(ctx.tmp / "t.parquet")
+
+
 def foreign_folder(ctx, name: str, marker: str | None = None) -> str:
     folder = ctx.tmp / name
     (folder / "sub").mkdir(parents=True)
@@ -224,6 +247,60 @@ CASES = [
             ),
         ),
         "raise data.seq_len",
+    ),
+    Case(
+        "train-mixed-data-formats",
+        lambda c: train(c, "data.path=" + jsonl_file(c, "mixed.jsonl", ALPACA_ROW, {"messages": MESSAGES})),
+        "mixed.jsonl line 2 is a messages row but",
+    ),
+    Case(
+        "train-format-does-not-fit",
+        lambda c: train(c, "data.path=" + jsonl_file(c, "a.jsonl", ALPACA_ROW), "data.format=sharegpt"),
+        "data.format sharegpt needs",
+    ),
+    Case(
+        "train-row-of-no-format",
+        lambda c: train(c, "data.path=" + jsonl_file(c, "q.jsonl", {"question": "q", "answer": "a"})),
+        "match no data format",
+    ),
+    Case("train-unknown-data-format", lambda c: train(c, "data.format=orca"), "data.format='orca' is unknown"),
+    Case(
+        "train-missing-template-file",
+        lambda c: train(c, "data.path=" + jsonl_file(c, "m.jsonl", {"messages": MESSAGES}), "data.chat_template=x.j2"),
+        "neither a built-in template nor a file",
+    ),
+    Case(
+        "train-template-without-assistant",
+        lambda c: train(
+            c,
+            "data.path=" + jsonl_file(c, "m.jsonl", {"messages": MESSAGES}, {"messages": MESSAGES}),
+            "data.chat_template="
+            + text_file(
+                c,
+                "user-only.jinja",
+                "{% for m in messages %}{% if m.role != 'assistant' %}{{ m.content }}{% endif %}{% endfor %}",
+            ),
+        ),
+        "renders no assistant turn",
+    ),
+    Case(
+        "train-image-content",
+        lambda c: train(
+            c,
+            "data.path="
+            + jsonl_file(c, "img.jsonl", {"messages": [{"role": "user", "content": [{"type": "image"}]}, MESSAGES[1]]}),
+        ),
+        "content part of type 'image'",
+    ),
+    Case(
+        "train-saved-data-missing-split",
+        lambda c: train(c, "data.path=" + saved_data(c), "data.split=validation"),
+        "validation",
+    ),
+    Case(
+        "train-parquet-without-the-column",
+        lambda c: train(c, "data.path=" + parquet_file(c), "data.format=text", "data.text_column=body"),
+        "data.format text needs",
     ),
     Case("train-unknown-flag", lambda c: ["train", "--fast"], "unrecognized arguments: --fast"),
     # export
