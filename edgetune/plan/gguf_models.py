@@ -7,6 +7,7 @@ file's sha256, with an ``edgetune-source.json`` that says which GGUF the folder 
 
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -15,6 +16,8 @@ from pathlib import Path
 from edgetune.errors import EdgetuneError
 
 PROVENANCE_FILE = "edgetune-source.json"
+# What transformers' GGUF reader raises for a file that is not a GGUF or holds an architecture it does not map.
+UNREADABLE = (ValueError, KeyError, TypeError, OSError, NotImplementedError)
 
 
 def sha256_of(path: Path) -> str:
@@ -49,6 +52,28 @@ def ensure_converted(
     return target
 
 
+def gguf_config(gguf: Path, target: Path) -> Path:
+    """Write a GGUF's architecture as ``target`` (a ``config.json``) without dequantizing any weights, for planning.
+
+    Raises:
+        EdgetuneError: transformers cannot read the file.
+    """
+    from transformers import AutoConfig
+
+    if target.is_file():
+        return target
+    try:
+        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except UNREADABLE as exc:
+        raise _unreadable(gguf, exc) from exc
+    config.__dict__.pop("quantization_config", None)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{target.name}-{os.getpid()}")
+    config.to_json_file(staging)
+    staging.replace(target)
+    return target
+
+
 def convert_gguf(gguf: Path, target: Path, provenance: dict[str, object]) -> None:
     """Dequantize a GGUF to float32 and save it, with its tokenizer and provenance, as the folder ``target``.
 
@@ -65,13 +90,8 @@ def convert_gguf(gguf: Path, target: Path, provenance: dict[str, object]) -> Non
             # The model first: an unsupported architecture is the likely failure, and its message is the clearer.
             loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        except (ValueError, KeyError, TypeError, OSError, NotImplementedError) as exc:
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise EdgetuneError(
-                f"transformers cannot load {gguf} as a model ({reason})",
-                "use a GGUF of an architecture transformers' GGUF loader supports (llama, mistral, qwen2, gemma, "
-                "phi3, ...), or pass a Hugging Face folder or hub id",
-            ) from exc
+        except UNREADABLE as exc:
+            raise _unreadable(gguf, exc) from exc
         # A GGUF-loaded model refuses save_pretrained; re-wrapping the same weights in a plain model of the
         # same class makes it an ordinary checkpoint that reloads in about a second.
         config = loaded.config
@@ -87,3 +107,12 @@ def convert_gguf(gguf: Path, target: Path, provenance: dict[str, object]) -> Non
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _unreadable(gguf: Path, exc: BaseException) -> EdgetuneError:
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return EdgetuneError(
+        f"transformers cannot load {gguf} as a model ({reason})",
+        "use a GGUF of an architecture transformers' GGUF loader supports (llama, mistral, qwen2, gemma, phi3, ...), "
+        "or pass a Hugging Face folder or hub id",
+    )

