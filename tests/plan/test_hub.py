@@ -217,3 +217,27 @@ def test_an_adapter_trained_on_a_hub_model_names_the_repo_and_loads_from_it(hub,
     assert (source["kind"], source["revision"]) == ("hub", tiny_repo.commit)
     base = AutoModelForCausalLM.from_pretrained(recorded["base_model_name_or_path"], revision=recorded["revision"])
     assert PeftModel.from_pretrained(base, adapter).peft_config["default"].base_model_name_or_path == "org/tiny"
+
+
+def test_a_hub_run_exports_offline_against_the_commit_it_trained_on(hub, tiny_repo, tmp_path, monkeypatch, one_thread):
+    from conftest import tiny_train_overrides, write_tiny_text
+
+    from edgetune import api
+
+    text = write_tiny_text(tmp_path / "text.txt")
+    overrides = tiny_train_overrides("org/tiny", text, tmp_path / "run", 1, "train.strategy=adafish-lora")
+    api.train(api.train_config(None, [*overrides, "model.revision=v1"]))
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["identity"]["revision"] == "v1"
+    tiny_repo.refs = ("main",)  # the tag is gone from the hub: the export needs the commit, not the tag
+    go_offline(monkeypatch)
+    result = api.export(tmp_path / "run", merged_dir=tmp_path / "merged", dtype="fp32")
+    assert result.to_dict()["run_dir"] == str(tmp_path / "run")
+    assert json.loads((tmp_path / "merged" / "edgetune_export.json").read_text())["revision"] == tiny_repo.commit
+
+
+def test_the_cli_plans_a_pinned_hub_model(hub, tiny_repo, capsys):
+    from edgetune.cli import main
+
+    assert main(["plan", "--model", "org/tiny", "--revision", "v1", "--budget", "8GiB", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"] == "org/tiny"
+    assert {r.path for r in hub.requests} == {"/org/tiny/resolve/v1/config.json"}
