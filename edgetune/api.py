@@ -41,13 +41,15 @@ def device_profile(key: str) -> DeviceProfile:
     return load_profile(key)
 
 
-def model_source(name: str, on_event: Callable[[str], None] | None = None) -> ModelSource:
-    """Resolve a model name, path or cached hub id; converts the default model on first use.
+def model_source(
+    name: str, on_event: Callable[[str], None] | None = None, *, revision: str | None = None
+) -> ModelSource:
+    """Resolve a model name, path, .gguf file or hub id; converts a GGUF or downloads a hub model on first use.
 
     Raises:
-        EdgetuneError: the model cannot be found or used.
+        EdgetuneError: the model cannot be found, fetched or used.
     """
-    return resolve_model(name, on_event=on_event)
+    return resolve_model(name, revision=revision, on_event=on_event)
 
 
 def probe(config: ProbeConfig | None = None, on_event: Callable[[str], None] | None = None) -> ProbeResult:
@@ -63,6 +65,7 @@ def probe(config: ProbeConfig | None = None, on_event: Callable[[str], None] | N
 def plan(
     model: str | None = None,
     *,
+    revision: str | None = None,
     batch_size: int | None = None,
     seq_len: int | None = None,
     lora_rank: int | None = None,
@@ -80,7 +83,9 @@ def plan(
     reads it), else from the defaults ``edgetune train`` runs with (the embedded model, batch 4 x 128 tokens, LoRA
     rank 16 on every linear of a block). The budget is, in order of precedence: ``budget`` (bytes or a size such as
     "6GiB", for ``budget_device``), a device ``profile`` (e.g. "rtx-4060-8gb"), the config's ``train.budget``, or the
-    free memory of this machine's first visible device.
+    free memory of this machine's first visible device. A hub model is planned from its ``config.json`` alone,
+    the only file fetched; ``revision`` pins its branch, tag or commit (default: the config's ``model.revision``
+    when the model comes from the config).
 
     Raises:
         EdgetuneError: the model cannot be inspected, a value is out of range, the profile is unknown or the
@@ -89,7 +94,9 @@ def plan(
     from edgetune.train.config import TrainConfig
 
     config = config or TrainConfig()
-    source = resolve_model(model or config.model.name, on_event=on_event)
+    if model is None and revision is None:
+        revision = config.model.revision
+    source = resolve_model(model or config.model.name, revision=revision, on_event=on_event, config_only=True)
     targets = None if lora_targets is None else tuple(lora_targets)
     asked = {"batch_size": batch_size, "seq_len": seq_len, "lora_rank": lora_rank, "lora_targets": targets}
     run = dataclasses.replace(config.run_shape(), **{key: value for key, value in asked.items() if value is not None})

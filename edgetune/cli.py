@@ -187,7 +187,10 @@ def _add_plan(commands: argparse._SubParsersAction, common: argparse.ArgumentPar
     )
     sub.add_argument("source", nargs="?", metavar="CONFIG.yaml|MODEL", help="a train config, or a model to plan")
     sub.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. lora.rank=8")
-    sub.add_argument("--model", help="smollm2-135m, a model folder, a config.json, a hub id")
+    sub.add_argument(
+        "--model", help="smollm2-135m, a model folder, a config.json, a .gguf file, or a hub id (fetches config.json)"
+    )
+    sub.add_argument("--revision", help="a hub model's branch, tag or commit (default: main)")
     sub.add_argument("--batch-size", type=int, help="sequences per step (default: the config's, 4)")
     sub.add_argument("--seq-len", type=int, help="tokens per sequence (default: the config's, 128)")
     sub.add_argument("--lora-rank", type=int, help="adapter rank (default: the config's, 16)")
@@ -214,6 +217,7 @@ def _run_plan(args: argparse.Namespace) -> int:
     config = api.train_config(config_path, overrides)
     result = api.plan(
         args.model or model,
+        revision=args.revision,
         batch_size=args.batch_size,
         seq_len=args.seq_len,
         lora_rank=args.lora_rank,
@@ -258,7 +262,10 @@ def _add_probe(commands: argparse._SubParsersAction, common: argparse.ArgumentPa
         f"SmolLM2-135M, {defaults.strategy}, batch {defaults.batch_size} x {defaults.seq_len} tokens, on the bundled "
         "Pride and Prejudice text.",
     )
-    sub.add_argument("--model", default=defaults.model, help="smollm2-135m, a model folder or a cached hub id")
+    sub.add_argument(
+        "--model", default=defaults.model, help="smollm2-135m, a model folder, a .gguf file, or a hub id (downloads it)"
+    )
+    sub.add_argument("--revision", help="a hub model's branch, tag or commit (default: main)")
     sub.add_argument(
         "--strategy",
         default=defaults.strategy,
@@ -288,6 +295,7 @@ def _run_probe(args: argparse.Namespace) -> int:
 
     config = ProbeConfig(
         model=args.model,
+        revision=args.revision,
         strategy=args.strategy,
         precision=args.precision,
         checkpointing=False if args.no_checkpointing else None,

@@ -114,6 +114,12 @@ CASES = [
     Case("plan-budget-zero", lambda c: ["plan", str(c.model), "--budget", "0GiB"], "is not a memory size"),
     Case("plan-missing-model", lambda c: ["plan", "--model", str(c.tmp / "missing")], "does not exist"),
     Case(
+        "plan-junk-gguf",
+        lambda c: ["plan", "--model", text_file(c, "junk.gguf", "not a gguf"), "--budget", "1GiB"],
+        "transformers cannot load",
+    ),
+    Case("train-missing-gguf", lambda c: train(c, f"model.name={c.tmp / 'absent.gguf'}"), "does not exist"),
+    Case(
         "plan-zero-heads",
         lambda c: ["plan", config_file(c, "zero", tiny_config(num_attention_heads=0)), "--budget", "1GiB"],
         "num_attention_heads=0",

@@ -69,7 +69,7 @@ def export(
     targets = [Path(p) for p in (merged_dir, onnx_path) if p is not None]
     if len(targets) == 2 and targets[0].resolve() == targets[1].resolve():
         raise EdgetuneError("--merged and --onnx name the same path", "give each output its own path")
-    source = resolve_model(run.model_name, on_event=on_event)
+    source = resolve_model(run.model_name, revision=run.revision, on_event=on_event)
     protected = {
         "the run folder": run.run_dir,
         "the model cache": cache_dir(),

@@ -13,7 +13,7 @@ from typing import Any
 from edgetune.errors import EdgetuneError
 from edgetune.plan.sources import ModelSource
 from edgetune.plan.strategies import Strategy, get_strategy
-from edgetune.train.run_folder import RUN_FILE, architecture_hash, is_run_identity
+from edgetune.train.run_folder import RUN_FILE, SOURCE_FILE, architecture_hash, is_run_identity
 
 logger = logging.getLogger(__name__)
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -25,10 +25,12 @@ class FinishedRun:
 
     Attributes:
         run_dir: the folder.
-        model_name: the ``model.name`` the run trained (an alias, a folder or a hub id).
+        model_name: the ``model.name`` the run trained (an alias, a folder, a .gguf file or a hub id).
         strategy: the strategy of the saved weights (the last one, if an out-of-memory fallback changed it).
         weights_dir: ``adapter/`` (LoRA runs, peft format) or ``model/`` (full-parameter runs).
         architecture: the hash of the base's config.json recorded when the run started.
+        revision: for a hub model, the commit the run trained on (else the revision it pinned), so an export
+            merges into those weights even after the hub's main branch moved.
     """
 
     run_dir: Path
@@ -36,6 +38,7 @@ class FinishedRun:
     strategy: Strategy
     weights_dir: Path
     architecture: str
+    revision: str | None = None
 
     @property
     def is_lora(self) -> bool:
@@ -77,7 +80,17 @@ def open_finished_run(path: str | Path) -> FinishedRun:
         )
     if strategy.lora:
         _check_adapter(weights_dir, run_dir)
-    return FinishedRun(run_dir, str(identity["model"]), strategy, weights_dir, str(identity["architecture"]))
+    revision = _trained_revision(weights_dir, run_dir) or identity.get("revision")
+    return FinishedRun(run_dir, str(identity["model"]), strategy, weights_dir, str(identity["architecture"]), revision)
+
+
+def _trained_revision(weights_dir: Path, run_dir: Path) -> str | None:
+    """The hub commit recorded beside the weights; runs saved before edgetune recorded it have none."""
+    recorded = weights_dir / SOURCE_FILE
+    if not recorded.is_file():
+        return None
+    revision = _read_json(recorded, run_dir).get("revision")
+    return revision if isinstance(revision, str) else None
 
 
 def check_same_base(run: FinishedRun, source: ModelSource) -> None:

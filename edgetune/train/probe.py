@@ -35,7 +35,8 @@ class ProbeConfig:
     """What to measure.
 
     Attributes:
-        model: model name or path (see ``edgetune.plan.sources.resolve_model``).
+        model: model name, path, .gguf file or hub id (see ``edgetune.plan.sources.resolve_model``).
+        revision: a hub model's branch, tag or commit hash; None fetches main.
         strategy: a strategy of ``edgetune plan``'s table; it fixes the base precision, LoRA or full fine-tuning,
             checkpointing and the optimizer.
         precision: load the base in this precision instead of the strategy's (fp32, bf16, nf4; nf4 needs LoRA).
@@ -53,6 +54,7 @@ class ProbeConfig:
     """
 
     model: str = DEFAULT_MODEL_KEY
+    revision: str | None = None
     strategy: str = "scaled-adamw-qlora-gc"
     precision: Precision | None = None
     checkpointing: bool | None = None
@@ -159,7 +161,7 @@ def _probe(config: ProbeConfig, notify: Callable[[str], None]) -> ProbeResult:
         raise EdgetuneError(f"device {config.device} requested but CUDA is not available", "use --device cpu")
     torch.manual_seed(config.seed)
     started = time.perf_counter()
-    source = resolve_model(config.model, on_event=notify)
+    source = resolve_model(config.model, revision=config.revision, on_event=notify)
     tokenizer = load_tokenizer(source)
     data = load_dataset(DataConfig(path=config.data, seq_len=config.seq_len, seed=config.seed), tokenizer)
     strategy = config.trained_strategy()

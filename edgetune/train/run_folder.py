@@ -17,6 +17,7 @@ import torch
 from edgetune.errors import EdgetuneError
 
 RUN_FILE = "run.json"
+SOURCE_FILE = "edgetune-source.json"
 # A marker must name these to be one edgetune wrote; only then may edgetune remove what it lists in OWNED.
 MARKER_KEYS = frozenset({"model", "architecture", "strategy"})
 OWNED = ("checkpoints", "steps.jsonl", "events.jsonl", "adapter", "model", "summary.json", "memory.png", RUN_FILE)
@@ -32,6 +33,9 @@ def run_identity(config, source, strategy) -> dict[str, str]:
     }
     if strategy.lora:
         identity["lora"] = f"r={config.lora.rank} alpha={config.lora.alpha} targets={','.join(config.lora.targets)}"
+    # Only a pinned revision: an unpinned hub model stays resumable after its main branch moves.
+    if config.model.revision is not None:
+        identity["revision"] = config.model.revision
     return identity
 
 
@@ -162,17 +166,56 @@ def _ensure_writable(path: Path) -> None:
         raise EdgetuneError(f"cannot write to {path} ({exc.strerror})", "set output.dir to a writable folder") from exc
 
 
-def save_result_weights(run_dir: Path, model: torch.nn.Module, strategy, tokenizer) -> Path:
-    """Adapters in peft format (``PeftModel.from_pretrained`` loads them), or the whole changed model."""
+def save_result_weights(run_dir: Path, model: torch.nn.Module, strategy, tokenizer, source) -> Path:
+    """Adapters in peft format (``PeftModel.from_pretrained`` loads them), or the whole changed model.
+
+    Both name the base they came from (``record_base``) and hold ``edgetune-source.json``, which says where it came
+    from: the hub id and commit, the local folder, or the GGUF a converted base was made of.
+    """
     target = run_dir / ("adapter" if strategy.lora else "model")
     staging = run_dir / f".{target.name}-partial"
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging)
+    record_base(staging, source)
     tokenizer.save_pretrained(staging)
     if target.exists():
         shutil.rmtree(target)
     staging.rename(target)
     return target
+
+
+def record_base(folder: Path, source) -> None:
+    """Make saved weights name their base as something ``from_pretrained`` loads to exactly the trained-on weights.
+
+    peft records the in-memory base's ``name_or_path``, which for edgetune is always a local folder (a hub model
+    loads from its cache snapshot), so a saved adapter would name a cache path. Instead ``adapter_config.json``'s
+    ``base_model_name_or_path`` (and the model card's ``base_model``) becomes: for a hub model, its id, with peft's
+    ``revision`` set to the commit the run trained on (a pinned branch or tag can move; the commit cannot); for a
+    local folder, its absolute path; for a base edgetune converted from a GGUF (the embedded default, or a .gguf
+    file), the absolute path of the converted folder. No hub id is honest there: SmolLM2-135M-Instruct on the hub
+    is not the dequantized Q4_1 GGUF trained on. ``edgetune-source.json`` beside the weights says all of this, and
+    for a converted base names the GGUF (package, file, sha256) it came from. The rewrite happens after peft's save:
+    given a hub id, peft's save would look the id up on the hub.
+    """
+    if source.kind == "hub":
+        base, revision = source.name, source.revision
+    else:
+        base, revision = str(source.path.resolve()), None
+    provenance = {"model": source.name, "kind": source.kind, "base_model_name_or_path": base, "revision": revision}
+    converted = source.path / SOURCE_FILE
+    if source.kind in ("default", "gguf") and converted.is_file():
+        provenance["converted_from"] = json.loads(converted.read_text())
+    (folder / SOURCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
+    adapter_config = folder / "adapter_config.json"
+    if not adapter_config.is_file():
+        return
+    recorded = json.loads(adapter_config.read_text())
+    card = folder / "README.md"
+    if card.is_file() and recorded.get("base_model_name_or_path"):
+        text = card.read_text(encoding="utf-8")
+        card.write_text(text.replace(f"base_model: {recorded['base_model_name_or_path']}\n", f"base_model: {base}\n"))
+    recorded |= {"base_model_name_or_path": base, "revision": revision}
+    adapter_config.write_text(json.dumps(recorded, indent=2, sort_keys=True) + "\n")
 
 
 def write_summary(run_dir: Path, result) -> None:

