@@ -1,10 +1,11 @@
 """Packed vs padded batches on the chat example: tokens per second and tokens in the loss per second.
 
-    .venv/bin/python bench/packing.py [--steps 6] [--precision fp32]
+    .venv/bin/python bench/packing.py [--steps 10] [--precision fp32]
 
-Loads ``examples/data/chatterbot-chat.jsonl`` with SmolLM2-135M's own chat template twice (``data.packing`` on and
-off, ``seq_len`` 256), then times LoRA (r=16, AdamW) training steps of batch 4 on each, interleaved (packed,
-padded, packed, ...) after one warm-up step each, so both see the same machine load. Reports medians. Writes
+Loads ``examples/data/chatterbot-chat.jsonl`` with SmolLM2-135M's own chat template with ``data.packing`` on and
+off (``seq_len`` 256), then times LoRA (r=16, AdamW) training steps on three layouts, interleaved (one step of
+each in turn) after one warm-up step each, so all see the same machine load: packed rows at batch 4, packed rows
+at batch 1 (about the positions of a padded batch), and padded examples at batch 4. Reports medians. Writes
 ``bench/results/packing.json`` and ``bench/results/packing.md``.
 
 fp32 by default: on CPUs without native bf16 (this project's build machines), bf16 matmuls are 20-100x slower and
@@ -29,26 +30,28 @@ from edgetune.plan.sources import resolve_model  # noqa: E402
 from edgetune.train.batching import batches, pad_token_id  # noqa: E402
 from edgetune.train.data import DataConfig, load_dataset  # noqa: E402
 from edgetune.train.loading import LoraSettings, load_model, load_tokenizer  # noqa: E402
-from edgetune.train.tokens import IGNORE_INDEX  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 DATA = ROOT / "examples" / "data" / "chatterbot-chat.jsonl"
 BATCH, SEQ = 4, 256
+# (name, packing, rows per batch): batch 4 either way, and packed rows at batch 1, which holds about as many
+# positions per step as a padded batch of 4 chat examples, so per-position costs that grow with the batch cancel.
+LAYOUTS = (("packed", True, BATCH), ("packed, batch 1", True, 1), ("padded", False, BATCH))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=6, help="timed steps per layout")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per layout")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     args = parser.parse_args()
     source = resolve_model("smollm2-135m")
     tokenizer = load_tokenizer(source)
     layouts = {}
-    for packing in (True, False):
+    for name, packing, batch in LAYOUTS:
         data = load_dataset(DataConfig(path=str(DATA), seq_len=SEQ, packing=packing), tokenizer)
-        stream = batches(data.train, BATCH, pad_token_id(tokenizer), shuffle=True, seed=0)
-        layouts["packed" if packing else "padded"] = {"data": data, "stream": stream, "times": [], "batches": []}
+        stream = batches(data.train, batch, pad_token_id(tokenizer), shuffle=True, seed=0)
+        layouts[name] = {"data": data, "stream": stream, "times": [], "batches": [], "batch": batch}
     torch.manual_seed(0)
     model = load_model(source, args.precision, lora=LoraSettings(rank=16, alpha=32.0), gradient_checkpointing=False)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -63,10 +66,14 @@ def main() -> None:
                 layout["times"].append(time.perf_counter() - start)
                 layout["batches"].append(batch)
     results = {"meta": _meta(args), "layouts": {name: _summary(layout) for name, layout in layouts.items()}}
-    packed, padded = results["layouts"]["packed"], results["layouts"]["padded"]
+    padded = results["layouts"]["padded"]
     results["ratios"] = {
-        "tokens_per_s": packed["tokens_per_s"] / padded["tokens_per_s"],
-        "loss_tokens_per_s": packed["loss_tokens_per_s"] / padded["loss_tokens_per_s"],
+        name: {
+            "tokens_per_s": row["tokens_per_s"] / padded["tokens_per_s"],
+            "loss_tokens_per_s": row["loss_tokens_per_s"] / padded["loss_tokens_per_s"],
+        }
+        for name, row in results["layouts"].items()
+        if name != "padded"
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "packing.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -75,22 +82,29 @@ def main() -> None:
 
 
 def _summary(layout: dict) -> dict:
+    """Step time measured on sampled batches; tokens per step averaged over the whole epoch.
+
+    The sampled batches' own token counts swing with which examples they drew (a padded batch of four one-line
+    answers against one with a 26-turn conversation), so the per-second figures divide the epoch's tokens by its
+    steps and by the median step time; the sampled batches' counts are reported beside them.
+    """
     batches_ = layout["batches"]
-    tokens = [_real_tokens(b) for b in batches_]
-    loss_tokens = [int((b["labels"] != IGNORE_INDEX).sum()) for b in batches_]
-    positions = [b["input_ids"].numel() for b in batches_]
-    seconds = statistics.median(layout["times"])
     stats = layout["data"].stats
+    steps_per_epoch = -(-stats.n_train_rows // layout["batch"])
+    seconds = statistics.median(layout["times"])
     return {
         "step_s_median": seconds,
         "step_s": layout["times"],
-        "tokens_per_step": statistics.mean(tokens),
-        "positions_per_step": statistics.mean(positions),
-        "loss_tokens_per_step": statistics.mean(loss_tokens),
-        "tokens_per_s": sum(tokens) / sum(layout["times"]),
-        "loss_tokens_per_s": sum(loss_tokens) / sum(layout["times"]),
+        "sampled_positions_per_step": statistics.mean(b["input_ids"].numel() for b in batches_),
+        "sampled_tokens_per_step": statistics.mean(_real_tokens(b) for b in batches_),
+        "tokens_per_step": stats.n_train_tokens / steps_per_epoch,
+        "loss_tokens_per_step": stats.n_loss_tokens / steps_per_epoch,
+        "tokens_per_s": stats.n_train_tokens / steps_per_epoch / seconds,
+        "loss_tokens_per_s": stats.n_loss_tokens / steps_per_epoch / seconds,
+        "batch": layout["batch"],
         "training_rows": stats.n_train_rows,
-        "steps_per_epoch": -(-stats.n_train_rows // BATCH),
+        "steps_per_epoch": steps_per_epoch,
+        "epoch_s": steps_per_epoch * seconds,
     }
 
 
@@ -128,24 +142,30 @@ def render(results: dict) -> str:
         "# Packed vs padded batches (chat example)",
         "",
         f"`{meta['command']}` on {meta['date']}; {meta['machine']}, {meta['threads']} threads; {meta['model']}, "
-        f"{meta['precision']}, batch {meta['batch']}, seq_len {meta['seq_len']}, data `{meta['data']}`; medians of "
+        f"{meta['precision']}, seq_len {meta['seq_len']}, data `{meta['data']}`; medians of "
         f"{meta['timed_steps']} interleaved steps after one warm-up step each.",
         "",
-        "| layout | step (s) | positions / step | tokens / step | loss tokens / step | tokens / s | loss tokens / s "
-        "| training rows | steps / epoch |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| layout | batch | step (s) | sampled positions / step | tokens / step | loss tokens / step | tokens / s "
+        "| loss tokens / s | training rows | steps / epoch | epoch (min) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
         lines.append(
-            f"| {name} | {r['step_s_median']:.2f} | {r['positions_per_step']:.0f} | {r['tokens_per_step']:.0f} | "
-            f"{r['loss_tokens_per_step']:.0f} | {r['tokens_per_s']:.0f} | {r['loss_tokens_per_s']:.0f} | "
-            f"{r['training_rows']:,} | {r['steps_per_epoch']:,} |"
+            f"| {name} | {r['batch']} | {r['step_s_median']:.2f} | {r['sampled_positions_per_step']:.0f} | "
+            f"{r['tokens_per_step']:.0f} | {r['loss_tokens_per_step']:.0f} | {r['tokens_per_s']:.0f} | "
+            f"{r['loss_tokens_per_s']:.0f} | {r['training_rows']:,} | {r['steps_per_epoch']:,} | "
+            f"{r['epoch_s'] / 60:.1f} |"
         )
-    ratios = results["ratios"]
+    lines.append("")
+    for name, ratio in results["ratios"].items():
+        lines.append(
+            f"- {name} / padded: {ratio['tokens_per_s']:.2f}x the tokens per second, "
+            f"{ratio['loss_tokens_per_s']:.2f}x the loss tokens per second."
+        )
     lines += [
         "",
-        f"Packed / padded: {ratios['tokens_per_s']:.2f}x the tokens per second and {ratios['loss_tokens_per_s']:.2f}x "
-        "the loss tokens per second, measured side by side in this run.",
+        "Measured side by side in this run. Tokens per step are the epoch's averages (training tokens / steps per "
+        "epoch); step times are medians of the sampled steps.",
         "",
     ]
     return "\n".join(lines)

@@ -4,8 +4,8 @@ themselves.
 ``batches`` yields one epoch in a seeded, resumable order. ``pack`` places whole examples into rows of at most
 ``seq_len`` tokens.
 
-Padding a batch of short chat examples to its longest wastes most of the compute on padding (measured in
-``bench/results/packing.md``). A packed row concatenates whole examples; its ``position_ids`` restart at 0 at
+Padding a batch of chat examples to its longest spends positions on padding (a third of them on the chat example;
+packed rows measured 1.16x the tokens per second on a 2-core CPU, ``bench/results/packing.md``). A packed row concatenates whole examples; its ``position_ids`` restart at 0 at
 every example, and the batch carries no ``attention_mask``. From exactly that (and no KV cache: ``load_model``
 sets ``use_cache=False``), transformers' mask builder (``masking_utils.find_packed_sequence_indices``) makes a
 block-diagonal causal mask for SDPA and eager attention on any device, and its flash-attention path turns the same
