@@ -99,6 +99,10 @@ def sharegpt_messages(turns: Any, key: str, system: str, where: str) -> list[dic
         raise type_error(where, repr(key), turns, 'a list of {"from", "value"} turns')
     messages = [{"role": "system", "content": system}] if system else []
     for n, turn in enumerate(turns, start=1):
+        if isinstance(turn, dict) and "from" not in turn and "role" in turn:
+            # Many hub sets keep the ShareGPT key but write OpenAI-style turns.
+            messages.append(_message(turn, f"{key!r} item {n}", where))
+            continue
         speaker = turn.get("from") if isinstance(turn, dict) else None
         if not isinstance(speaker, str) or speaker not in SHAREGPT_ROLES:
             found = f"'from' {speaker!r}" if isinstance(turn, dict) and "from" in turn else "no 'from'"

@@ -272,3 +272,9 @@ def test_hundred_thousand_rows_are_quick():
     samples = normalise(raw_of(rows))
     assert len(samples.samples) == 100_000
     assert time.perf_counter() - start < 5
+
+
+def test_sharegpt_conversations_written_with_role_and_content_are_read_as_messages(tmp_path):
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    samples = normalise(read_data(write_jsonl(tmp_path, [{"conversations": turns}])))
+    assert samples.format == "sharegpt" and samples.samples == [{"messages": turns}]
