@@ -122,6 +122,9 @@ def load_base(source: ModelSource, precision: Precision, *, device: str | torch.
         kwargs["quantization_config"] = nf4_config()
         # bitsandbytes quantizes while loading, so the weights must land on their final device directly.
         kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+    attention = attention_implementation(device, precision)
+    if attention is not None:
+        kwargs["attn_implementation"] = attention
     try:
         model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
@@ -136,6 +139,20 @@ def load_base(source: ModelSource, precision: Precision, *, device: str | torch.
     else:
         model.to(device)
     return model
+
+
+def attention_implementation(device: torch.device, precision: Precision) -> str | None:
+    """``flash_attention_2`` where the flash-attn package is installed and can run; None keeps the model's default.
+
+    Packed batches need no change either way: transformers turns their restarting position ids into a
+    block-diagonal mask for SDPA and eager attention, and into variable-length sequence offsets for flash attention,
+    which then skips the masked blocks instead of computing them. Flash attention runs only on CUDA in 16-bit.
+    """
+    import importlib.util
+
+    if device.type != "cuda" or precision == "fp32" or importlib.util.find_spec("flash_attn") is None:
+        return None
+    return "flash_attention_2"
 
 
 def keep_4bit_layout(model: torch.nn.Module) -> None:

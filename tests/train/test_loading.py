@@ -184,3 +184,32 @@ def test_all_linear_adapts_every_linear_of_a_block_but_not_the_head(tiny_model):
     listed = attach_lora(copy.deepcopy(tiny_model), LoraSettings(rank=4, target_modules=DEFAULT_LORA_TARGETS))
     assert adapted(every) == adapted(listed) and len(adapted(every)) == 2 * 7
     assert not any("lm_head" in name for name in adapted(every))
+
+
+def test_flash_attention_only_on_cuda_in_16_bit_where_installed(monkeypatch):
+    import importlib.util
+
+    from edgetune.train.loading import attention_implementation
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else real(name))
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert attention_implementation(cuda, "bf16") == attention_implementation(cuda, "nf4") == "flash_attention_2"
+    assert attention_implementation(cuda, "fp32") is None and attention_implementation(cpu, "bf16") is None
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flash_attn" else real(name))
+    assert attention_implementation(cuda, "bf16") is None
+
+
+@pytest.mark.gpu
+def test_packed_rows_train_on_cuda_with_the_installed_attention(tiny_trainable_dir):
+    from edgetune.train.batching import collate_packed, pack
+
+    source = ModelSource(name="tiny", kind="folder", path=tiny_trainable_dir, has_weights=True)
+    model = load_model(source, "bf16", device="cuda", lora=LoraSettings(rank=4, alpha=8.0))
+    examples = [
+        {"input_ids": torch.arange(1, n + 1), "labels": torch.arange(1, n + 1), "length": n} for n in (5, 9, 3, 12)
+    ]
+    batch = {k: v.cuda() for k, v in collate_packed(pack(examples, 16), pad_id=0).items()}
+    loss = model(**batch).loss
+    loss.backward()
+    assert torch.isfinite(loss)
