@@ -282,7 +282,7 @@ def _add_probe(commands: argparse._SubParsersAction, common: argparse.ArgumentPa
     sub.add_argument("--batch-size", type=int, default=defaults.batch_size)
     sub.add_argument("--seq-len", type=int, default=defaults.seq_len)
     sub.add_argument("--steps", type=int, default=defaults.steps)
-    sub.add_argument("--data", default=None, help=".txt, .jsonl or .csv (default: the bundled text)")
+    sub.add_argument("--data", default=None, help="any data.path edgetune train takes (default: the bundled text)")
     sub.add_argument("--device", default=defaults.device, help="cpu or cuda[:N]")
     sub.add_argument("--seed", type=int, default=defaults.seed)
     sub.add_argument("--json", action="store_true", help="print the result as JSON")
