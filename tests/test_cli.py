@@ -315,6 +315,6 @@ def test_edgetunes_own_warnings_say_warning_once_and_data_statistics_come_first(
     assert code == 0
     assert lines.count("warning: LoRA targets not found in this model and skipped: w_proj") == 1
     assert sum("w_proj" in line for line in lines) == 1
-    data = next(i for i, line in enumerate(lines) if line.startswith("data: txt"))
+    data = next(i for i, line in enumerate(lines) if line.startswith("data: text from"))
     assert "examples (7 training, 1 held out)" in lines[data] and "truncated" in lines[data]
     assert data < next(i for i, line in enumerate(lines) if line.startswith("held-out loss before"))

@@ -99,6 +99,7 @@ class DataStats:
         format: the detected (or chosen) row format.
         n_rows: rows read (documents for text), training source plus a separate eval source.
         n_examples: examples after dropping, train plus validation (packed text blocks for text).
+        n_held_out: of those, the validation examples.
         n_train_tokens: tokens in the training examples.
         n_val_tokens: tokens in the validation examples.
         n_loss_tokens: training tokens that count in the loss.
@@ -113,6 +114,7 @@ class DataStats:
     format: str
     n_rows: int
     n_examples: int
+    n_held_out: int
     n_train_tokens: int
     n_val_tokens: int
     n_loss_tokens: int
@@ -128,7 +130,8 @@ class DataStats:
         share = self.n_loss_tokens / max(self.n_train_tokens, 1)
         line = (
             f"data: {self.format} from {self.source}: {self.n_rows:,} row{'s' if self.n_rows != 1 else ''}, "
-            f"{self.n_examples:,} examples, "
+            f"{self.n_examples:,} examples ({self.n_examples - self.n_held_out:,} training, {self.n_held_out:,} held "
+            f"out), "
             f"{total:,} tokens ({share:.0%} of training tokens in the loss)"
         )
         if self.packed:
@@ -197,30 +200,34 @@ def load_dataset(cfg: DataConfig, tokenizer: "PreTrainedTokenizerBase") -> Token
         train, val, parts = train_part.examples, eval_part.examples, [train_part, eval_part]
     if not train:
         raise EdgetuneError(f"{train_part.source} gives no training example", "use more data or a larger seq_len")
-    n_loss = sum(int((ex["labels"] != IGNORE_INDEX).sum()) for ex in train)
-    packed = cfg.packing and train_part.format != "text"
+    packed, n_held_out = cfg.packing and train_part.format != "text", len(val)
     if packed:
         train, val = pack(train, cfg.seq_len), pack(val, cfg.seq_len)
+    stats = _stats(parts, train, val, packed, n_held_out)
+    logger.debug("loaded %s", stats)
+    return TokenizedData(train=train, val=val, stats=stats, warnings=tuple(warnings))
+
+
+def _stats(parts: list["_Part"], train: list[Example], val: list[Example], packed: bool, n_held_out: int) -> DataStats:
     dropped: dict[str, int] = {}
     for part in parts:
         for reason, n in part.dropped.items():
             dropped[reason] = dropped.get(reason, 0) + n
-    stats = DataStats(
-        source=train_part.source,
-        format=train_part.format,
+    return DataStats(
+        source=parts[0].source,
+        format=parts[0].format,
         n_rows=sum(part.n_rows for part in parts),
         n_examples=sum(len(part.examples) for part in parts),
+        n_held_out=n_held_out,
         n_train_tokens=sum(int(ex["length"]) for ex in train),
         n_val_tokens=sum(int(ex["length"]) for ex in val),
-        n_loss_tokens=n_loss,
+        n_loss_tokens=sum(int((ex["labels"] != IGNORE_INDEX).sum()) for ex in train),
         n_truncated=sum(part.n_truncated for part in parts),
         dropped=dropped,
         n_remainder_tokens=sum(part.n_remainder for part in parts),
         n_train_rows=len(train),
         packed=packed,
     )
-    logger.debug("loaded %s", stats)
-    return TokenizedData(train=train, val=val, stats=stats, warnings=tuple(warnings))
 
 
 @dataclass(frozen=True)
