@@ -40,6 +40,24 @@ CHECKPOINT_BYTES_PER_HIDDEN = 2
 LOGITS_BYTES_BACKPROP = 12.3
 LOGITS_BYTES_FORWARD = 10.0
 
+# edgetune's own loss never holds all logits: the head and the cross-entropy run over chunks of about this many
+# logits (16 MiB in fp32), which keeps a chunk's matmul large enough to run at full speed (bench/loss.py).
+LOSS_CHUNK_LOGITS = 2**22
+# Bytes per logit of one chunk at the chunked loss's peak, by (bytes per head weight, pass). A 16-bit head: the
+# 16-bit logits and their fp32 copy, then the fp32 probabilities and their 16-bit gradient (6); a trained head adds
+# the fp32 copy its gradient is accumulated from (10). An fp32 head needs no copies (4). Measured as whole-step
+# peaks of a 2-layer model with SmolLM2's 49,152-entry vocabulary (4 x 64 tokens, chunks of 85 positions, every
+# strategy; the planner then lands within 6% of each step, tests/plan/test_components.py) and on the loss alone
+# (8,000 entries, 600 positions, chunks of 16-256): `python bench/loss.py --sections memory`.
+CHUNK_LOGIT_BYTES: dict[tuple[int, str], float] = {
+    (2, "forward"): 6.0,
+    (2, "frozen head"): 6.0,
+    (2, "trained head"): 10.0,
+    (4, "forward"): 4.0,
+    (4, "frozen head"): 4.0,
+    (4, "trained head"): 4.0,
+}
+
 # torch's AdamW runs per tensor on CPU (foreach off), so its step allocates about two copies of the largest
 # trainable tensor; on CUDA foreach is on and the step allocates one copy of all state (sqrt of exp_avg_sq).
 # Measured on SmolLM2-135M full fine-tuning (bench/planner_measure.py): the step peak equals bf16 gradients

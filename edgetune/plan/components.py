@@ -21,6 +21,15 @@ from edgetune.plan.strategies import DEFAULT_LORA_TARGETS, Backprop, Strategy, Z
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
 
 
+def loss_chunk_positions(vocab_size: int) -> int:
+    """Positions whose logits edgetune's chunked loss computes at once (``edgetune.train.chunked_loss``).
+
+    About ``calibration.LOSS_CHUNK_LOGITS`` logits per chunk, at least 16 positions: 85 for SmolLM2's 49,152
+    entries, 32 for Llama 3's 128,256.
+    """
+    return max(16, calibration.LOSS_CHUNK_LOGITS // max(vocab_size, 1))
+
+
 @dataclass(frozen=True)
 class Stack:
     """How the software stack stores and computes things; the defaults are edgetune's own loading path.
@@ -39,6 +48,8 @@ class Stack:
         offload_checkpoints: checkpoints live in host memory (Unsloth's "unsloth" checkpointing).
         quantized_matmul_saves_input: bitsandbytes before the fix of bitsandbytes #1270 (mid 2024) kept the
             16-bit input of every 4-bit matmul for backward, even with the base frozen.
+        chunked_loss: the output head and cross-entropy run over chunks of positions and never hold all logits
+            (edgetune's ``train.chunked_loss``); False prices the full logits with ``logits_bytes_*``.
     """
 
     device: str = "cuda"
@@ -49,9 +60,11 @@ class Stack:
     logits_bytes_forward: float = calibration.LOGITS_BYTES_FORWARD
     offload_checkpoints: bool = False
     quantized_matmul_saves_input: bool = False
+    chunked_loss: bool = False
 
 
-EDGETUNE_CUDA, EDGETUNE_CPU = Stack(device="cuda"), Stack(device="cpu")
+EDGETUNE_CUDA = Stack(device="cuda", chunked_loss=True)
+EDGETUNE_CPU = Stack(device="cpu", chunked_loss=True)
 
 
 @dataclass(frozen=True)
@@ -184,11 +197,10 @@ def _backprop_phases(spec, strategy: Backprop, run, shapes, gradient_bytes: int,
     checkpoints = calibration.CHECKPOINT_BYTES_PER_HIDDEN * spec.hidden_size * run.tokens * spec.num_layers
     checkpoints *= 0 if stack.offload_checkpoints else 1
     kept = checkpoints if strategy.checkpointing else layer * spec.num_layers
-    logits = round(stack.logits_bytes_backprop * run.tokens * spec.vocab_size)
     gradients = Component("gradients", gradient_bytes, True, "one per trainable parameter")
     activations = Component("activations", kept, False, _activation_note(strategy, spec))
     return {
-        "loss": (activations, Component("logits", logits, False, "logits, fp32 loss and its gradient")),
+        "loss": (activations, _loss_component(spec, strategy, run, stack, backprop=True)),
         "backward": (
             gradients,
             activations
@@ -209,13 +221,29 @@ def _zeroth_order_phases(spec, strategy: ZerothOrder, run, shapes, stack: Stack)
 
     largest = max((r * max(i, o) for r, i, o in shapes), default=0) if strategy.lora else spec.largest_tensor_params
     buffer = hizoo.buffer_bytes(largest, strategy.hessian, hizoo.CPU_CHUNK_NUMEL)
-    logits = round(stack.logits_bytes_forward * run.tokens * spec.vocab_size)
     return {
         "forward": (
-            Component("logits", logits, False, "no-grad forward: logits and fp32 loss"),
+            _loss_component(spec, strategy, run, stack, backprop=False),
             Component("zeroth-order buffer", buffer, True, "reusable perturbation buffer"),
         )
     }
+
+
+def _loss_component(spec: ModelSpec, strategy: Strategy, run: RunShape, stack: Stack, *, backprop: bool) -> Component:
+    """The loss row: every logit at once, or with the chunked loss one chunk of them plus its gradient buffers."""
+    if not stack.chunked_loss:
+        per_logit = stack.logits_bytes_backprop if backprop else stack.logits_bytes_forward
+        note = "logits, fp32 loss and its gradient" if backprop else "no-grad forward: logits and fp32 loss"
+        return Component("logits", round(per_logit * run.tokens * spec.vocab_size), False, note)
+    head_bytes = DTYPE_BYTES.get(strategy.base, 2)  # an NF4 base keeps its head in bf16
+    chunk = min(loss_chunk_positions(spec.vocab_size), run.tokens)
+    mode = "forward" if not backprop else "frozen head" if strategy.lora else "trained head"
+    per_logit = calibration.CHUNK_LOGIT_BYTES[(head_bytes, mode)]
+    # The labelled positions' hidden states are copied out (every position, at most); backprop adds their gradient.
+    hidden = (2 if backprop else 1) * run.tokens * spec.hidden_size * head_bytes
+    head_gradient = 4 * spec.vocab_size * spec.hidden_size if backprop and not strategy.lora else 0
+    total = round(per_logit * chunk * spec.vocab_size) + hidden + head_gradient
+    return Component("logits", total, False, f"chunked loss: {chunk} positions of logits at a time")
 
 
 def step_temporary_bytes(spec: ModelSpec, strategy: Backprop, shapes, stack: Stack = EDGETUNE_CUDA) -> int:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from edgetune.plan.strategies import Strategy, ZerothOrder
+from edgetune.train.chunked_loss import causal_lm_loss
 
 Batch = dict[str, torch.Tensor]
 
@@ -100,7 +101,7 @@ def run_step(
         return StepOutcome(math.nan if skipped else loss, tokens, None, skipped)
     total = 0.0
     for batch in micro_batches:
-        loss = model(**batch).loss / len(micro_batches)
+        loss = causal_lm_loss(model, batch) / len(micro_batches)
         loss.backward()
         check_memory()
         total += float(loss.detach())
@@ -118,7 +119,7 @@ def run_step(
 def _forward_only_step(model, optimizer, micro_batches: Sequence[Batch], check_memory) -> tuple[float, bool]:
     def closure() -> torch.Tensor:
         with torch.no_grad():
-            loss = sum(model(**b).loss for b in micro_batches) / len(micro_batches)
+            loss = sum(causal_lm_loss(model, b) for b in micro_batches) / len(micro_batches)
         check_memory()
         return loss
 

@@ -279,28 +279,22 @@ def test_train_writes_nothing_to_stderr(cancelled_in_a_thread):
 
 
 def _poison_losses(monkeypatch, bad_forward):
-    """Make the training forward pass return NaN loss when bad_forward(call_number, step) says so.
+    """Make the training loss NaN when bad_forward(call_number, step) says so.
 
-    Held-out loss runs the decoder and head directly, not the model's forward, so it is not affected.
+    The held-out loss goes through ``chunked_loss.streamed_loss_sum``, not the step's ``causal_lm_loss``, so it
+    is not affected.
     """
-    from edgetune.train import session
+    from edgetune.train import step
 
     state = {"calls": 0, "step": 1}
-    real_load = session.load_model
+    real_loss = step.causal_lm_loss
 
-    def load_model(*args, **kwargs):
-        model = real_load(*args, **kwargs)
+    def poisoned(model, batch):
+        state["calls"] += 1
+        loss = real_loss(model, batch)
+        return loss * float("nan") if bad_forward(state["calls"], state["step"]) else loss
 
-        def hook(module, inputs, output):
-            state["calls"] += 1
-            if bad_forward(state["calls"], state["step"]):
-                output.loss = output.loss * float("nan")
-            return output
-
-        model.register_forward_hook(hook)
-        return model
-
-    monkeypatch.setattr(session, "load_model", load_model)
+    monkeypatch.setattr(step, "causal_lm_loss", poisoned)
     return state
 
 
