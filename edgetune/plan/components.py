@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 from edgetune.errors import EdgetuneError
 from edgetune.plan import calibration
-from edgetune.plan.inventory import ModelSpec, lora_params, lora_shapes, nf4_bytes
-from edgetune.plan.strategies import DEFAULT_LORA_TARGETS, Backprop, Strategy, ZerothOrder, resolve_targets
+from edgetune.plan.inventory import ModelSpec, adapted_names, lora_params, lora_shapes, nf4_bytes
+from edgetune.plan.strategies import DEFAULT_LORA_TARGETS, Backprop, Strategy, ZerothOrder
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
 
@@ -175,15 +175,16 @@ def activation_bytes_per_token(
     if stack.adapter_bytes == 2:
         # 16-bit adapters read the base layer's own input, so no fp32 copy of it is kept.
         coefficients["adapted_inputs"] = 0.0
-    targets = resolve_targets(run.lora_targets, [group.name for group in spec.linears])
-    adapted = [spec.linear_group(t) for t in targets] if strategy.lora else []
+    adapted = [g for t in adapted_names(spec, run.lora_targets) for g in spec.linear_groups(t)] if strategy.lora else []
+    layers = max(spec.num_layers, 1)
     widths = {
         "hidden": spec.hidden_size,
         "kv_dim": spec.num_kv_heads * spec.head_dim,
         "intermediate": spec.intermediate_size,
         "heads": spec.num_heads,
-        "adapted_inputs": sum(g.in_features for g in adapted if g is not None),
-        "adapted_rank": run.lora_rank * sum(1 for g in adapted if g is not None),
+        # Per layer: a group holds one linear per block (count == layers) or, for shared names, several.
+        "adapted_inputs": sum(g.in_features * g.count for g in adapted) / layers,
+        "adapted_rank": run.lora_rank * sum(g.count for g in adapted) / layers,
     }
     per_token = sum(coefficients[name] * widths[name] for name in widths)
     if stack.quantized_matmul_saves_input and strategy.base == "nf4":

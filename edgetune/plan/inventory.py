@@ -11,14 +11,18 @@ from dataclasses import dataclass, field
 
 from edgetune.errors import EdgetuneError
 from edgetune.plan.sources import ModelSource, read_config_dict
-from edgetune.plan.strategies import resolve_targets
+from edgetune.plan.strategies import DEFAULT_LORA_TARGETS, resolve_targets
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class LinearGroup:
-    """All decoder linears that share a name (e.g. every layer's ``q_proj``)."""
+    """All decoder linears that share a name and a shape (e.g. every layer's ``q_proj``).
+
+    Linears with the same name but different shapes (GPTBigCode's ``attn.c_proj`` and ``mlp.c_proj``) are separate
+    groups with the same ``name``, as LoRA, which matches names, adapts both.
+    """
 
     name: str
     in_features: int
@@ -71,8 +75,13 @@ class ModelSpec:
     def total_params(self) -> int:
         return self.linear_params + self.embedding_params + self.head_params + self.other_params
 
-    def linear_group(self, name: str) -> LinearGroup | None:
-        return next((group for group in self.linears if group.name == name), None)
+    def linear_groups(self, name: str) -> list[LinearGroup]:
+        return [group for group in self.linears if group.name == name]
+
+    @property
+    def linear_names(self) -> list[str]:
+        """The decoder linears' names, each once, in model order."""
+        return list(dict.fromkeys(group.name for group in self.linears))
 
 
 def inspect_model(source: ModelSource) -> ModelSpec:
@@ -158,18 +167,18 @@ def _classify(model, config) -> ModelSpec:
     head = model.get_output_embeddings()
     embedding_ids = {id(p) for p in embedding.parameters()}
     head_ids = {id(p) for p in head.parameters()} - embedding_ids if head is not None else set()
-    groups: dict[str, list[torch.nn.Linear]] = {}
+    groups: dict[tuple, list[torch.nn.Linear]] = {}
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and module is not head:
-            groups.setdefault(name.rsplit(".", 1)[-1], []).append(module)
+            key = (name.rsplit(".", 1)[-1], module.in_features, module.out_features, module.bias is not None)
+            groups.setdefault(key, []).append(module)
     linear_ids = {id(m.weight) for modules in groups.values() for m in modules}
     counts = {"linear": 0, "embedding": 0, "head": 0, "other": 0}
     for parameter in model.parameters():  # shared (tied) parameters are yielded once
         key = _kind(id(parameter), linear_ids, embedding_ids, head_ids)
         counts[key] += parameter.numel()
     linears = tuple(
-        LinearGroup(name, modules[0].in_features, modules[0].out_features, len(modules), modules[0].bias is not None)
-        for name, modules in groups.items()
+        LinearGroup(name, fan_in, fan_out, len(mods), bias) for (name, fan_in, fan_out, bias), mods in groups.items()
     )
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     heads = int(text_config.num_attention_heads)
@@ -216,14 +225,29 @@ def lora_shapes(spec: ModelSpec, rank: int, targets: tuple[str, ...]) -> list[tu
         EdgetuneError: no target matches a decoder linear of the model, or "all-linear" is mixed with names.
     """
     shapes = []
-    for target in resolve_targets(targets, [group.name for group in spec.linears]):
-        group = spec.linear_group(target)
-        if group is not None:
+    for target in adapted_names(spec, targets):
+        for group in spec.linear_groups(target):
             shapes += [(rank, group.in_features, group.out_features)] * group.count
     if not shapes:
-        names = ", ".join(group.name for group in spec.linears)
+        names = ", ".join(spec.linear_names)
         raise EdgetuneError(f"no LoRA target in {list(targets)} matches this model", f"pick from: {names}")
     return shapes
+
+
+def adapted_names(spec: ModelSpec, targets: tuple[str, ...]) -> tuple[str, ...]:
+    """The linear names LoRA adapts in this model.
+
+    edgetune's default targets are the seven linears of a Llama block, i.e. every attention and MLP linear; a
+    family that names some of them differently (GPT-NeoX ``query_key_value``, GPTBigCode ``c_attn``, Phi ``fc1``
+    and ``dense``) gets the same intent, every decoder linear, instead of an error or a partial match. Targets the
+    user named are kept as they are.
+
+    Raises:
+        EdgetuneError: "all-linear" is mixed with names.
+    """
+    if tuple(targets) == DEFAULT_LORA_TARGETS and set(spec.linear_names) - set(targets):
+        return tuple(spec.linear_names)
+    return resolve_targets(targets, spec.linear_names)
 
 
 def lora_params(shapes: list[tuple[int, int, int]]) -> int:

@@ -220,6 +220,12 @@ def read_config_dict(path: Path) -> dict[str, object]:
             f"{path} has no model_type, so the architecture is unknown",
             'use a Hugging Face config.json, which names its architecture in "model_type"',
         )
+    if data["model_type"] not in CONFIG_MAPPING and "auto_map" in data:
+        raise EdgetuneError(
+            f"{path} has model_type {data['model_type']!r}, whose code ships with the model (auto_map) rather than "
+            "with transformers, and edgetune never runs code from a model folder",
+            "use a model of an architecture transformers implements, or a transformers version that includes it",
+        )
     if data["model_type"] not in CONFIG_MAPPING:
         raise EdgetuneError(
             f"{path} has model_type {data['model_type']!r}, which this transformers version does not know",

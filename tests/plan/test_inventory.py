@@ -97,3 +97,93 @@ def test_nf4_bytes_of_a_model_sum_its_linears():
 def test_a_config_that_cannot_build_a_model_is_a_clear_error():
     with pytest.raises(EdgetuneError, match="does not describe a causal LM"):
         inspect_config({"model_type": "llama", "hidden_size": 64, "num_attention_heads": 5})
+
+
+def _family_configs():
+    """Small configs of families whose linears are not named like Llama's, built the way their hub configs are."""
+    return {
+        "gpt_bigcode": dict(model_type="gpt_bigcode", n_embd=64, n_inner=256, n_layer=2, n_head=4, vocab_size=300),
+        "gpt_neox": dict(
+            model_type="gpt_neox",
+            hidden_size=64,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            vocab_size=300,
+        ),
+        "phi": dict(
+            model_type="phi",
+            hidden_size=64,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            vocab_size=300,
+        ),
+        "qwen2": dict(
+            model_type="qwen2",
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=300,
+        ),
+        "gemma": dict(
+            model_type="gemma",
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            vocab_size=300,
+        ),
+        "mistral": dict(
+            model_type="mistral",
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=300,
+        ),
+    }
+
+
+def test_same_named_linears_of_different_shapes_keep_their_own_shapes():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    data = _family_configs()["gpt_bigcode"]
+    spec = inspect_config(data)
+    c_proj = sorted((g.in_features, g.out_features, g.count) for g in spec.linear_groups("c_proj"))
+    assert c_proj == [(64, 64, 2), (256, 64, 2)]  # attn.c_proj and mlp.c_proj
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**data))
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not model.lm_head]
+    assert spec.linear_params == sum(m.weight.numel() for m in linears)
+    assert nf4_bytes(spec) == sum(nf4_tensor_bytes(m.weight.numel()) for m in linears)
+    rank = 8
+    assert lora_params(lora_shapes(spec, rank, ("c_proj",))) == 2 * rank * ((64 + 64) + (256 + 64))
+
+
+@pytest.mark.parametrize("family", sorted(_family_configs()))
+def test_every_family_plans_with_its_own_module_names(family):
+    from edgetune.plan.components import EDGETUNE_CPU, RunShape, estimate
+    from edgetune.plan.strategies import DEFAULT_LORA_TARGETS, STRATEGIES
+
+    spec = inspect_config(_family_configs()[family])
+    # The default targets mean every attention and MLP linear, whatever the family calls them.
+    shapes = lora_shapes(spec, 8, DEFAULT_LORA_TARGETS)
+    assert len(shapes) == sum(g.count for g in spec.linears)
+    for name in STRATEGIES:
+        assert estimate(spec, STRATEGIES[name], RunShape(2, 32, 8), EDGETUNE_CPU).peak_bytes > 0
+
+
+def test_a_config_that_needs_remote_code_is_one_line(tmp_path):
+    from edgetune.plan.sources import resolve_model
+
+    path = tmp_path / "config.json"
+    path.write_text('{"model_type": "mysterynet", "auto_map": {"AutoModelForCausalLM": "modeling.MysteryNet"}}')
+    with pytest.raises(EdgetuneError, match="never runs code from a model folder") as caught:
+        resolve_model(str(path))
+    assert "\n" not in str(caught.value)

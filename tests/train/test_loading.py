@@ -6,7 +6,7 @@ import torch
 
 from edgetune.errors import EdgetuneError
 from edgetune.plan.sources import ModelSource
-from edgetune.train.loading import LoraSettings, load_model, trainable_parameter_count
+from edgetune.train.loading import LoraSettings, attach_lora, load_model, trainable_parameter_count
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -213,3 +213,13 @@ def test_packed_rows_train_on_cuda_with_the_installed_attention(tiny_trainable_d
     loss = model(**batch).loss
     loss.backward()
     assert torch.isfinite(loss)
+
+
+def test_default_targets_adapt_every_linear_of_a_family_with_other_names():
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    config = GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+    model = attach_lora(GPTNeoXForCausalLM(config), LoraSettings(rank=4, alpha=8.0))
+    adapted = {name.split(".lora_A")[0].rsplit(".", 1)[-1] for name, _ in model.named_parameters() if "lora_A" in name}
+    assert adapted == {"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"}
