@@ -3,9 +3,10 @@
     .venv/bin/python bench/packing.py [--steps 10] [--precision fp32]
 
 Loads ``examples/data/chatterbot-chat.jsonl`` with SmolLM2-135M's own chat template with ``data.packing`` on and
-off (``seq_len`` 256), then times LoRA (r=16, AdamW) training steps on three layouts, interleaved (one step of
-each in turn) after one warm-up step each, so all see the same machine load: packed rows at batch 4, packed rows
-at batch 1 (about the positions of a padded batch), and padded examples at batch 4. Reports medians. Writes
+off (``seq_len`` 256), then times LoRA (r=16, AdamW) training steps with the trainer's loss (``causal_lm_loss``) on
+three layouts, interleaved (one step of each in turn) after one warm-up step each, so all see the same machine
+load: packed rows at batch 4, packed rows at batch 1 (about the positions of a padded batch), and padded examples at
+batch 4. Reports medians. Writes
 ``bench/results/packing.json`` and ``bench/results/packing.md``.
 
 fp32 by default: on CPUs without native bf16 (this project's build machines), bf16 matmuls are 20-100x slower and
@@ -28,6 +29,7 @@ import torch  # noqa: E402
 
 from edgetune.plan.sources import resolve_model  # noqa: E402
 from edgetune.train.batching import batches, pad_token_id  # noqa: E402
+from edgetune.train.chunked_loss import causal_lm_loss  # noqa: E402
 from edgetune.train.data import DataConfig, load_dataset  # noqa: E402
 from edgetune.train.loading import LoraSettings, load_model, load_tokenizer  # noqa: E402
 
@@ -59,7 +61,7 @@ def main() -> None:
         for layout in layouts.values():
             batch = next(layout["stream"])
             start = time.perf_counter()
-            model(**batch).loss.backward()
+            causal_lm_loss(model, batch).backward()  # the trainer's loss: labelled positions only, chunked
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if step:  # the first step of each layout warms up allocators and kernels

@@ -5,7 +5,7 @@ themselves.
 ``seq_len`` tokens.
 
 Padding a batch of chat examples to its longest spends positions on padding (a third of them on the chat example;
-packed rows measured 1.16x the tokens per second on a 2-core CPU, ``bench/results/packing.md``). A packed row
+packed rows at batch 4 measured 1.21x the tokens per second on a 2-core CPU, ``bench/results/packing.md``). A packed row
 concatenates whole examples; its ``position_ids`` restart at 0 at every example, and the batch carries no
 ``attention_mask``. From exactly that (and no KV cache: ``load_model``
 sets ``use_cache=False``), transformers' mask builder (``masking_utils.find_packed_sequence_indices``) makes a
