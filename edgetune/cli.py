@@ -194,6 +194,10 @@ def _add_plan(commands: argparse._SubParsersAction, common: argparse.ArgumentPar
     sub.add_argument("--batch-size", type=int, help="sequences per step (default: the config's, 4)")
     sub.add_argument("--seq-len", type=int, help="tokens per sequence (default: the config's, 128)")
     sub.add_argument("--lora-rank", type=int, help="adapter rank (default: the config's, 16)")
+    sub.add_argument(
+        "--lora-targets", help="comma-separated linear names, or all-linear (default: the config's, every linear)"
+    )
+    sub.add_argument("--strategies", help="comma-separated strategies to size (default: all of them)")
     where = sub.add_mutually_exclusive_group()
     where.add_argument("--profile", help="plan for a device profile, e.g. rtx-4060-8gb (see devices --profiles)")
     where.add_argument("--budget", help="plan for this much free memory, e.g. 6GiB")
@@ -221,6 +225,8 @@ def _run_plan(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         seq_len=args.seq_len,
         lora_rank=args.lora_rank,
+        lora_targets=_names(args.lora_targets, "--lora-targets"),
+        strategies=_names(args.strategies, "--strategies"),
         profile=args.profile,
         budget=args.budget,
         budget_device=args.budget_device,
@@ -231,6 +237,16 @@ def _run_plan(args: argparse.Namespace) -> int:
         _print_event(f"warning: {warning}")
     _emit(args.json, result.to_dict(), lambda: format_plan(result))
     return 0
+
+
+def _names(value: str | None, flag: str) -> tuple[str, ...] | None:
+    """A comma-separated list of names, or None when the flag is absent."""
+    if value is None:
+        return None
+    names = tuple(name.strip() for name in value.split(",") if name.strip())
+    if not names:
+        raise EdgetuneError(f"{flag} {value!r} names nothing", f"give {flag} comma-separated names")
+    return names
 
 
 def _split_source(source: str | None, overrides: list[str]) -> tuple[str | None, str | None, list[str]]:

@@ -318,3 +318,22 @@ def test_edgetunes_own_warnings_say_warning_once_and_data_statistics_come_first(
     data = next(i for i, line in enumerate(lines) if line.startswith("data: text from"))
     assert "examples (7 training, 1 held out)" in lines[data] and "truncated" in lines[data]
     assert data < next(i for i, line in enumerate(lines) if line.startswith("held-out loss before"))
+
+
+def test_plan_sizes_only_the_strategies_and_targets_asked_for(capsys, tiny_model_dir):
+    argv = ["plan", "--model", str(tiny_model_dir), "--budget", "8GiB", "--json"]
+    code, out, _ = run(capsys, *argv, "--strategies", "hizoo-qlora,adamw-lora-gc", "--lora-targets", "q_proj,v_proj")
+    result = json.loads(out)
+    assert code == 0 and set(result["strategies"]) == {"hizoo-qlora", "adamw-lora-gc"}
+    assert result["run"]["lora_targets"] == ["q_proj", "v_proj"]
+    code, out, _ = run(capsys, *argv, "--lora-targets", "all-linear")
+    assert code == 0 and json.loads(out)["run"]["lora_targets"] == ["all-linear"]
+
+
+@pytest.mark.parametrize(
+    "flags,says",
+    [(["--strategies", "adafish"], "unknown strategy 'adafish'"), (["--lora-targets", " , "], "names nothing")],
+)
+def test_plan_refuses_unknown_strategies_and_empty_lists_in_one_line(capsys, tiny_model_dir, flags, says):
+    code, out, err = run(capsys, "plan", "--model", str(tiny_model_dir), "--budget", "8GiB", *flags)
+    assert code == 2 and out == "" and err.count("\n") == 1 and says in err
