@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 from edgetune.errors import EdgetuneError
 from edgetune.plan import calibration
-from edgetune.plan.inventory import ModelSpec, adapted_names, lora_params, lora_shapes, nf4_bytes
-from edgetune.plan.strategies import DEFAULT_LORA_TARGETS, Backprop, Strategy, ZerothOrder
+from edgetune.plan.inventory import ModelSpec, lora_params, lora_shapes, nf4_bytes
+from edgetune.plan.strategies import DEFAULT_LORA_TARGETS, Backprop, Strategy, ZerothOrder, resolve_targets
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
 
@@ -175,7 +175,8 @@ def activation_bytes_per_token(
     if stack.adapter_bytes == 2:
         # 16-bit adapters read the base layer's own input, so no fp32 copy of it is kept.
         coefficients["adapted_inputs"] = 0.0
-    adapted = [g for t in adapted_names(spec, run.lora_targets) for g in spec.linear_groups(t)] if strategy.lora else []
+    targets = resolve_targets(run.lora_targets, spec.linear_names) if strategy.lora else ()
+    adapted = [group for target in targets for group in spec.linear_groups(target)]
     layers = max(spec.num_layers, 1)
     widths = {
         "hidden": spec.hidden_size,

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from edgetune.errors import EdgetuneError
 from edgetune.plan.sources import ModelSource, read_config_dict
-from edgetune.plan.strategies import DEFAULT_LORA_TARGETS, resolve_targets
+from edgetune.plan.strategies import resolve_targets
 
 logger = logging.getLogger(__name__)
 
@@ -225,29 +225,13 @@ def lora_shapes(spec: ModelSpec, rank: int, targets: tuple[str, ...]) -> list[tu
         EdgetuneError: no target matches a decoder linear of the model, or "all-linear" is mixed with names.
     """
     shapes = []
-    for target in adapted_names(spec, targets):
+    for target in resolve_targets(targets, spec.linear_names):
         for group in spec.linear_groups(target):
             shapes += [(rank, group.in_features, group.out_features)] * group.count
     if not shapes:
         names = ", ".join(spec.linear_names)
         raise EdgetuneError(f"no LoRA target in {list(targets)} matches this model", f"pick from: {names}")
     return shapes
-
-
-def adapted_names(spec: ModelSpec, targets: tuple[str, ...]) -> tuple[str, ...]:
-    """The linear names LoRA adapts in this model.
-
-    edgetune's default targets are the seven linears of a Llama block, i.e. every attention and MLP linear; a
-    family that names some of them differently (GPT-NeoX ``query_key_value``, GPTBigCode ``c_attn``, Phi ``fc1``
-    and ``dense``) gets the same intent, every decoder linear, instead of an error or a partial match. Targets the
-    user named are kept as they are.
-
-    Raises:
-        EdgetuneError: "all-linear" is mixed with names.
-    """
-    if tuple(targets) == DEFAULT_LORA_TARGETS and set(spec.linear_names) - set(targets):
-        return tuple(spec.linear_names)
-    return resolve_targets(targets, spec.linear_names)
 
 
 def lora_params(shapes: list[tuple[int, int, int]]) -> int:

@@ -205,9 +205,16 @@ def with_checkpointing(strategy: Strategy) -> Strategy | None:
 def resolve_targets(targets: tuple[str, ...], linear_names: list[str]) -> tuple[str, ...]:
     """The module names LoRA adapts: ``targets`` as given, or every decoder linear for ``("all-linear",)``.
 
+    edgetune's default targets are the seven linears of a Llama block, i.e. every attention and MLP linear; in a
+    family that names some of them differently (GPT-NeoX ``query_key_value``, GPTBigCode ``c_attn``, Phi ``fc1``
+    and ``dense``) they mean the same, every decoder linear, rather than an error or a partial match. Targets the
+    user named are kept as they are. The planner and the trainer both resolve targets here.
+
     Raises:
         EdgetuneError: "all-linear" is mixed with other names.
     """
+    if tuple(targets) == DEFAULT_LORA_TARGETS and set(linear_names) - set(targets):
+        return tuple(linear_names)
     if ALL_LINEAR not in targets:
         return targets
     if len(targets) != 1:

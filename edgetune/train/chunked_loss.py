@@ -80,8 +80,8 @@ def _chunk_logsumexp(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Log-sum-exp and target logit of one chunk's fp32 logits, plus exp(logits - row max) in the same buffer.
 
-    Written out (max, subtract, exp in place) instead of ``torch.logsumexp``, which allocates a second
-    chunk-sized temporary: the chunk then peaks at its fp32 logits plus the 16-bit matmul output they came from.
+    Written out (max, subtract, exp in place) so that the gradient is then formed in that buffer as well: the chunk
+    peaks at its fp32 logits plus the 16-bit matmul output they came from (``calibration.CHUNK_LOGIT_BYTES``).
     """
     logits = (part @ weight.T).float()
     picked = logits.gather(1, target.unsqueeze(1)).squeeze(1)

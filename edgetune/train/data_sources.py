@@ -128,10 +128,8 @@ def _read_text(file: Path, given: str) -> str:
 def _read_bytes(file: Path, given: str) -> bytes:
     try:
         return file.read_bytes()
-    except PermissionError:
-        raise EdgetuneError(f"data file {given} is not readable (permission denied)", "fix its permissions") from None
     except OSError as exc:
-        raise EdgetuneError(f"data file {given} cannot be read ({exc})", "check the file and its disk") from None
+        raise _unreadable(given, exc) from None
 
 
 def _read_head(file: Path, given: str) -> bytes:
@@ -139,10 +137,14 @@ def _read_head(file: Path, given: str) -> bytes:
     try:
         with file.open("rb") as handle:
             return handle.read(4)
-    except PermissionError:
-        raise EdgetuneError(f"data file {given} is not readable (permission denied)", "fix its permissions") from None
     except OSError as exc:
-        raise EdgetuneError(f"data file {given} cannot be read ({exc})", "check the file and its disk") from None
+        raise _unreadable(given, exc) from None
+
+
+def _unreadable(given: str, exc: OSError) -> EdgetuneError:
+    if isinstance(exc, PermissionError):
+        return EdgetuneError(f"data file {given} is not readable (permission denied)", "fix its permissions")
+    return EdgetuneError(f"data file {given} cannot be read ({exc})", "check the file and its disk")
 
 
 def _json_type(value: Any) -> str:

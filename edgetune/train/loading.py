@@ -12,7 +12,7 @@ import torch
 
 from edgetune.errors import EdgetuneError
 from edgetune.plan.sources import ModelSource
-from edgetune.plan.strategies import ALL_LINEAR, DEFAULT_LORA_TARGETS, PRECISIONS, Precision
+from edgetune.plan.strategies import ALL_LINEAR, DEFAULT_LORA_TARGETS, PRECISIONS, Precision, resolve_targets
 
 logger = logging.getLogger(__name__)
 
@@ -226,18 +226,16 @@ def attach_lora(model: torch.nn.Module, lora: LoraSettings) -> torch.nn.Module:
     targets: str | list[str] = ALL_LINEAR
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    linear_names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _is_linear(m) and m is not head}
-    # The default targets are a Llama block's seven linears; a family that names some differently gets the same
-    # intent, every linear (the planner sizes it the same way, plan.inventory.adapted_names).
-    default_elsewhere = tuple(lora.target_modules) == DEFAULT_LORA_TARGETS and bool(
-        linear_names - set(DEFAULT_LORA_TARGETS)
-    )
-    if tuple(lora.target_modules) != (ALL_LINEAR,) and not default_elsewhere:
+    linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _is_linear(m) and m is not head})
+    given = tuple(lora.target_modules)
+    # resolve_targets turns all-linear, and the default targets in a family named otherwise, into every linear,
+    # which peft's "all-linear" adapts; other targets are names to look up.
+    if resolve_targets(given, linear_names) == given:
         missing = [target for target in lora.target_modules if target not in present]
         if len(missing) == len(lora.target_modules):
             raise EdgetuneError(
                 f"none of the LoRA target modules {list(lora.target_modules)} exist in this model",
-                f"pick from its linear layers: {', '.join(sorted(linear_names))}, or all-linear",
+                f"pick from its linear layers: {', '.join(linear_names)}, or all-linear",
             )
         if missing:
             logger.warning("LoRA targets not found in this model and skipped: %s", ", ".join(missing))
