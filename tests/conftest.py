@@ -1,3 +1,4 @@
+import json
 import random
 from pathlib import Path
 
@@ -110,6 +111,21 @@ def tiny_train_overrides(model_dir, text, run_dir, steps, *extra) -> list[str]:
 
 
 WORDS = "the quick brown fox jumps over the lazy dog hello world how are you today I am fine thank you".split()
+
+
+def write_file(tmp_path: Path, name: str, content: str | bytes) -> str:
+    """A data file in tmp_path holding content (text as UTF-8), as a path string."""
+    path = tmp_path / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content, encoding="utf-8")
+    return str(path)
+
+
+def write_jsonl(tmp_path: Path, rows: list, name: str = "d.jsonl") -> str:
+    """Rows written one JSON object per line."""
+    return write_file(tmp_path, name, "\n".join(json.dumps(row) for row in rows) + "\n")
 
 
 def write_tiny_text(path: Path, lines: int = 9) -> Path:

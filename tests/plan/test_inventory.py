@@ -101,52 +101,15 @@ def test_a_config_that_cannot_build_a_model_is_a_clear_error():
 
 def _family_configs():
     """Small configs of families whose linears are not named like Llama's, built the way their hub configs are."""
+    small = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=300)
+    grouped_query = dict(small, num_key_value_heads=2)
     return {
         "gpt_bigcode": dict(model_type="gpt_bigcode", n_embd=64, n_inner=256, n_layer=2, n_head=4, vocab_size=300),
-        "gpt_neox": dict(
-            model_type="gpt_neox",
-            hidden_size=64,
-            intermediate_size=256,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            vocab_size=300,
-        ),
-        "phi": dict(
-            model_type="phi",
-            hidden_size=64,
-            intermediate_size=256,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            vocab_size=300,
-        ),
-        "qwen2": dict(
-            model_type="qwen2",
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=300,
-        ),
-        "gemma": dict(
-            model_type="gemma",
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-            vocab_size=300,
-        ),
-        "mistral": dict(
-            model_type="mistral",
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=300,
-        ),
+        "gpt_neox": dict(small, model_type="gpt_neox", intermediate_size=256),
+        "phi": dict(small, model_type="phi", intermediate_size=256),
+        "qwen2": dict(grouped_query, model_type="qwen2"),
+        "gemma": dict(grouped_query, model_type="gemma", head_dim=16),
+        "mistral": dict(grouped_query, model_type="mistral"),
     }
 
 

@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import CHATML, make_tokenizer
+from conftest import CHATML, make_tokenizer, write_file, write_jsonl
 from transformers import PreTrainedTokenizerFast
 
 from edgetune.errors import EdgetuneError
@@ -37,19 +37,6 @@ def eos_joined(tok, texts):
     return ids
 
 
-def write(tmp_path, name, content):
-    path = tmp_path / name
-    if isinstance(content, bytes):
-        path.write_bytes(content)
-    else:
-        path.write_text(content, encoding="utf-8")
-    return str(path)
-
-
-def write_jsonl(tmp_path, rows, name="d.jsonl"):
-    return write(tmp_path, name, "\n".join(json.dumps(r) for r in rows) + "\n")
-
-
 def all_examples(data):
     return data.train + data.val
 
@@ -77,15 +64,17 @@ def test_txt_packs_exact_blocks_and_drops_remainder(tmp_path, tok):
     ids = ids_of(tok, TEXT)
     seq_len = 7
     assert len(ids) % seq_len != 0 and len(ids) // seq_len >= 4  # the test needs a remainder to drop
-    data = load_dataset(DataConfig(path=write(tmp_path, "a.txt", TEXT), seq_len=seq_len), tok)
+    data = load_dataset(DataConfig(path=write_file(tmp_path, "a.txt", TEXT), seq_len=seq_len), tok)
     check_packed(data, ids, seq_len)
     assert data.stats.format == "text" and data.stats.n_truncated == 0 and data.stats.n_rows == 1
 
 
 def test_txt_line_endings_are_normalised(tmp_path, tok):
     text = "one line\ntwo line\nthree line\n" * 6
-    unix = load_dataset(DataConfig(path=write(tmp_path, "u.txt", text), seq_len=4), tok)
-    dos = load_dataset(DataConfig(path=write(tmp_path, "d.txt", text.replace("\n", "\r\n").encode()), seq_len=4), tok)
+    unix = load_dataset(DataConfig(path=write_file(tmp_path, "u.txt", text), seq_len=4), tok)
+    dos = load_dataset(
+        DataConfig(path=write_file(tmp_path, "d.txt", text.replace("\n", "\r\n").encode()), seq_len=4), tok
+    )
     assert [ex["input_ids"].tolist() for ex in dos.train] == [ex["input_ids"].tolist() for ex in unix.train]
 
 
@@ -255,13 +244,13 @@ def test_missing_file_and_directory(tmp_path, tok):
 
 
 def test_unsupported_suffix_lists_supported(tmp_path, tok):
-    exc = error_of(DataConfig(path=write(tmp_path, "d.xlsx", "x")), tok)
+    exc = error_of(DataConfig(path=write_file(tmp_path, "d.xlsx", "x")), tok)
     assert "'.xlsx'" in exc.problem
     assert all(s in exc.fix for s in (".txt", ".jsonl", ".json", ".csv", ".parquet"))
 
 
 def test_unreadable_file(tmp_path, tok, monkeypatch):
-    path = write(tmp_path, "secret.txt", TEXT)
+    path = write_file(tmp_path, "secret.txt", TEXT)
 
     def deny(self):
         raise PermissionError(13, "Permission denied")
@@ -275,17 +264,17 @@ def test_unreadable_file(tmp_path, tok, monkeypatch):
 @pytest.mark.parametrize("content", [b"", b"  \n\n\t\n"])
 @pytest.mark.parametrize("name", ["e.txt", "e.jsonl", "e.csv"])
 def test_empty_file(tmp_path, tok, content, name):
-    exc = error_of(DataConfig(path=write(tmp_path, name, content)), tok)
+    exc = error_of(DataConfig(path=write_file(tmp_path, name, content)), tok)
     assert name in exc.problem and "empty" in exc.problem
 
 
 def test_non_utf8_file(tmp_path, tok):
-    exc = error_of(DataConfig(path=write(tmp_path, "latin.txt", "caf\xe9 au lait".encode("latin-1"))), tok)
+    exc = error_of(DataConfig(path=write_file(tmp_path, "latin.txt", "caf\xe9 au lait".encode("latin-1"))), tok)
     assert "not UTF-8" in exc.problem and "byte at 3" in exc.problem and "UTF-8" in exc.fix
 
 
 def test_jsonl_bad_line_names_line_and_expected_keys(tmp_path, tok):
-    path = write(tmp_path, "d.jsonl", '{"text": "fine"}\n\n{"text": "oops"\n')
+    path = write_file(tmp_path, "d.jsonl", '{"text": "fine"}\n\n{"text": "oops"\n')
     exc = error_of(DataConfig(path=path), tok)
     assert "d.jsonl line 3" in exc.problem and "not valid JSON" in exc.problem and "JSON object per line" in exc.fix
 
@@ -317,19 +306,19 @@ def test_jsonl_wrong_value_types(tmp_path, tok):
 
 def test_too_few_tokens_for_one_block(tmp_path, tok):
     n = len(ids_of(tok, "hello world"))
-    exc = error_of(DataConfig(path=write(tmp_path, "short.txt", "hello world"), seq_len=64), tok)
+    exc = error_of(DataConfig(path=write_file(tmp_path, "short.txt", "hello world"), seq_len=64), tok)
     assert f"has {n} tokens, fewer than one block of seq_len=64" in exc.problem
     assert exc.fix == "use a longer text or a smaller seq_len"
 
 
 def test_one_example_cannot_be_split(tmp_path, tok):
     n = len(ids_of(tok, TEXT))
-    exc = error_of(DataConfig(path=write(tmp_path, "one.txt", TEXT), seq_len=n), tok)
+    exc = error_of(DataConfig(path=write_file(tmp_path, "one.txt", TEXT), seq_len=n), tok)
     assert "1 example(s)" in exc.problem and "smaller seq_len" in exc.fix
 
 
 def test_csv_missing_column_lists_columns(tmp_path, tok):
-    exc = error_of(DataConfig(path=write(tmp_path, "d.csv", "id,body\n1,hello\n")), tok)
+    exc = error_of(DataConfig(path=write_file(tmp_path, "d.csv", "id,body\n1,hello\n")), tok)
     assert "d.csv line 2" in exc.problem and "['id', 'body']" in exc.problem and "text_column" in exc.fix
 
 
@@ -344,7 +333,7 @@ def test_config_validation(field, value):
 
 
 def test_split_is_deterministic_disjoint_and_sized(tmp_path, tok):
-    path = write(tmp_path, "a.txt", TEXT)
+    path = write_file(tmp_path, "a.txt", TEXT)
     cfg = DataConfig(path=path, seq_len=10, val_fraction=0.2, seed=7)
     first, again = load_dataset(cfg, tok), load_dataset(cfg, tok)
     n = first.stats.n_examples
@@ -471,7 +460,7 @@ def write_rows(tmp_path, rows, kind):
     if kind == "jsonl":
         return write_jsonl(tmp_path, rows)
     if kind == "json":
-        return write(tmp_path, "d.json", json.dumps(rows))
+        return write_file(tmp_path, "d.json", json.dumps(rows))
     import datasets
 
     table = datasets.Dataset.from_list(rows)
@@ -522,7 +511,7 @@ def test_train_on_prompt_puts_the_question_in_the_loss(tmp_path, tok):
 def test_a_separate_eval_file_replaces_the_held_out_share(tmp_path, tok):
     pairs = chatterbot_pairs()
     train_path = write_jsonl(tmp_path, as_format("messages", pairs[:20]), "train.jsonl")
-    eval_path = write(tmp_path, "eval.json", json.dumps(as_format("alpaca", pairs[20:])))
+    eval_path = write_file(tmp_path, "eval.json", json.dumps(as_format("alpaca", pairs[20:])))
     data = load_dataset(DataConfig(path=train_path, eval_path=eval_path, packing=False), tok)
     assert (len(data.train), len(data.val), data.stats.n_rows) == (20, 4, 24)
 

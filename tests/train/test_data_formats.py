@@ -2,6 +2,7 @@ import json
 import time
 
 import pytest
+from conftest import write_jsonl
 
 from edgetune.errors import EdgetuneError
 from edgetune.train.data_formats import FORMAT_KEYS, FORMATS, Samples, detect_format, normalise
@@ -55,12 +56,6 @@ def _halves(text):
 
 def raw_of(rows, source="d.jsonl", word="line"):
     return RawData(source=source, text=None, rows=rows, row_word=word, row_numbers=list(range(1, len(rows) + 1)))
-
-
-def write_jsonl(tmp_path, rows, name="d.jsonl"):
-    path = tmp_path / name
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
-    return str(path)
 
 
 def error_of(raw, fmt="auto", text_column="text"):

@@ -5,6 +5,7 @@ import pathlib
 import sys
 
 import pytest
+from conftest import write_file
 
 from edgetune.errors import EdgetuneError
 from edgetune.train.data_sources import RawData, read_data
@@ -18,15 +19,6 @@ def offline(monkeypatch):
     # offline mode makes it fail instead of reaching the network.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-
-
-def write(tmp_path, name, content):
-    path = tmp_path / name
-    if isinstance(content, bytes):
-        path.write_bytes(content)
-    else:
-        path.write_text(content, encoding="utf-8")
-    return str(path)
 
 
 def error_of(path, **kwargs):
@@ -43,23 +35,23 @@ def check_rows(raw, rows, word, numbers):
 
 
 def test_txt_is_whole_text_with_bom_dropped_and_newlines_normalised(tmp_path):
-    path = write(tmp_path, "book.txt", "\ufeffone\r\ntwo\rthree\n".encode())
+    path = write_file(tmp_path, "book.txt", "\ufeffone\r\ntwo\rthree\n".encode())
     raw = read_data(path)
     assert raw.text == "one\ntwo\nthree\n" and raw.rows == [] and raw.source == path
 
 
 def test_jsonl_skips_blank_lines_and_keeps_file_line_numbers(tmp_path):
-    path = write(tmp_path, "d.jsonl", f"\n{json.dumps(ROWS[0])}\n  \n\n{json.dumps(ROWS[1])}\n")
+    path = write_file(tmp_path, "d.jsonl", f"\n{json.dumps(ROWS[0])}\n  \n\n{json.dumps(ROWS[1])}\n")
     raw = read_data(path)
     check_rows(raw, ROWS, "line", [2, 5])
     assert raw.where(1) == f"{path} line 5"
 
 
 def test_json_array_and_json_that_is_json_lines(tmp_path):
-    raw = read_data(write(tmp_path, "a.json", json.dumps(ROWS, indent=2)))
+    raw = read_data(write_file(tmp_path, "a.json", json.dumps(ROWS, indent=2)))
     check_rows(raw, ROWS, "row", [1, 2])
     assert raw.where(0).endswith("a.json row 1")
-    raw = read_data(write(tmp_path, "l.json", "\n".join(json.dumps(r) for r in ROWS) + "\n\n"))
+    raw = read_data(write_file(tmp_path, "l.json", "\n".join(json.dumps(r) for r in ROWS) + "\n\n"))
     check_rows(raw, ROWS, "line", [1, 2])
 
 
@@ -192,7 +184,7 @@ def test_missing_datasets_extra_is_one_line(tmp_path, monkeypatch, how):
     (tmp_path / "saved" / "dataset_dict.json").write_text("{}")
     for path, what in [
         ("org/qa", "hub data set org/qa"),
-        (write(tmp_path, "t.parquet", b"PAR1"), ".parquet files"),
+        (write_file(tmp_path, "t.parquet", b"PAR1"), ".parquet files"),
         (str(tmp_path / "saved"), "saved data set"),
     ]:
         exc = error_of(path)
@@ -206,12 +198,12 @@ def test_missing_file_directory_and_suffix(tmp_path):
     assert "does not exist" in error_of("./data/train").problem  # written as a path, so no hub lookup
     exc = error_of(str(tmp_path))
     assert "is a directory, not a data set saved with save_to_disk" in exc.problem and ".jsonl" in exc.fix
-    exc = error_of(write(tmp_path, "d.tsv", "a\tb\n"))
+    exc = error_of(write_file(tmp_path, "d.tsv", "a\tb\n"))
     assert "'.tsv'" in exc.problem and all(s in exc.fix for s in (".txt", ".jsonl", ".json", ".csv", ".parquet"))
 
 
 def test_unreadable_file(tmp_path, monkeypatch):
-    path = write(tmp_path, "secret.jsonl", json.dumps(ROWS[0]))
+    path = write_file(tmp_path, "secret.jsonl", json.dumps(ROWS[0]))
 
     def deny(self):
         raise PermissionError(13, "Permission denied")
@@ -228,18 +220,18 @@ def test_unreadable_file(tmp_path, monkeypatch):
     + [("e.parquet", b"")],
 )
 def test_empty_file(tmp_path, name, content):
-    exc = error_of(write(tmp_path, name, content))
+    exc = error_of(write_file(tmp_path, name, content))
     assert name in exc.problem and "empty" in exc.problem
 
 
 def test_non_utf8_names_the_byte(tmp_path):
-    exc = error_of(write(tmp_path, "latin.csv", "text\ncaf\xe9\n".encode("latin-1")))
+    exc = error_of(write_file(tmp_path, "latin.csv", "text\ncaf\xe9\n".encode("latin-1")))
     assert "latin.csv is not UTF-8" in exc.problem and "byte at 8" in exc.problem and "UTF-8" in exc.fix
 
 
 def test_empty_tables(tmp_path):
-    assert "has no rows" in error_of(write(tmp_path, "h.csv", "text,label\n")).problem
-    assert "has no rows" in error_of(write(tmp_path, "a.json", "[]")).problem
+    assert "has no rows" in error_of(write_file(tmp_path, "h.csv", "text,label\n")).problem
+    assert "has no rows" in error_of(write_file(tmp_path, "a.json", "[]")).problem
     pa = pytest.importorskip("pyarrow")
     pq = pytest.importorskip("pyarrow.parquet")
     pq.write_table(pa.table({"text": pa.array([], pa.string())}), tmp_path / "z.parquet")
@@ -247,32 +239,32 @@ def test_empty_tables(tmp_path):
 
 
 def test_bad_json_names_the_line(tmp_path):
-    exc = error_of(write(tmp_path, "d.jsonl", '{"text": "fine"}\n\n{"text": "oops"\n'))
+    exc = error_of(write_file(tmp_path, "d.jsonl", '{"text": "fine"}\n\n{"text": "oops"\n'))
     assert "d.jsonl line 3 is not valid JSON" in exc.problem and "one JSON object per line" in exc.fix
-    exc = error_of(write(tmp_path, "d.jsonl", '{"text": "fine"}\n["a", "list"]\n'))
+    exc = error_of(write_file(tmp_path, "d.jsonl", '{"text": "fine"}\n["a", "list"]\n'))
     assert "d.jsonl line 2 is an array, not a JSON object" in exc.problem
-    exc = error_of(write(tmp_path, "d.json", '[{"text": "a"},\n {"text": }]'))
+    exc = error_of(write_file(tmp_path, "d.json", '[{"text": "a"},\n {"text": }]'))
     assert "d.json is not valid JSON" in exc.problem and "line 2" in exc.problem
-    exc = error_of(write(tmp_path, "d.json", '[{"text": "a"}, "b"]'))
+    exc = error_of(write_file(tmp_path, "d.json", '[{"text": "a"}, "b"]'))
     assert "d.json row 2 is a string, not a JSON object" in exc.problem
-    exc = error_of(write(tmp_path, "d.json", '{"text": ["a", "b"]}'))
+    exc = error_of(write_file(tmp_path, "d.json", '{"text": ["a", "b"]}'))
     assert "holds an object, not an array of rows" in exc.problem
 
 
 def test_csv_errors(tmp_path):
     long_cell = "x" * 200_000
-    exc = error_of(write(tmp_path, "big.csv", f'text\n"{long_cell}"\n'))
+    exc = error_of(write_file(tmp_path, "big.csv", f'text\n"{long_cell}"\n'))
     assert "big.csv is not valid CSV near line" in exc.problem and "131,072" in exc.fix
-    exc = error_of(write(tmp_path, "extra.csv", "a,b\n1,2\n3,4,5\n"))
+    exc = error_of(write_file(tmp_path, "extra.csv", "a,b\n1,2\n3,4,5\n"))
     assert "extra.csv line 3 has 3 cells but the header has 2 columns" in exc.problem
     wide = ["c" * 60] + [f"col{i}" for i in range(30)]
-    exc = error_of(write(tmp_path, "dup.csv", ",".join(wide + ["col3"]) + "\n" + ",".join("1" * 32) + "\n"))
+    exc = error_of(write_file(tmp_path, "dup.csv", ",".join(wide + ["col3"]) + "\n" + ",".join("1" * 32) + "\n"))
     assert "column 'col3' twice" in exc.problem and "c" * 37 + "..." in exc.problem and ", ...]" in exc.problem
     assert "c" * 38 not in exc.problem
-    assert read_data(write(tmp_path, "trail.csv", "a,b\n1,2,\n")).rows == [{"a": "1", "b": "2"}]
+    assert read_data(write_file(tmp_path, "trail.csv", "a,b\n1,2,\n")).rows == [{"a": "1", "b": "2"}]
 
 
 def test_damaged_parquet(tmp_path):
     pytest.importorskip("pyarrow.parquet")
-    exc = error_of(write(tmp_path, "bad.parquet", b"not parquet at all"))
+    exc = error_of(write_file(tmp_path, "bad.parquet", b"not parquet at all"))
     assert "bad.parquet is not a readable Parquet file" in exc.problem
