@@ -14,182 +14,26 @@ import json
 import statistics
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from edgetune.plan import calibration  # noqa: E402
-from edgetune.plan.budget import SLACK_DYNAMIC, SLACK_STATIC  # noqa: E402
-from edgetune.plan.components import EDGETUNE_CPU, RunShape, Stack, estimate  # noqa: E402
-
-# planner_measured.json was measured (2026-11) when edgetune's training loss still held all logits; it is replayed
-# with that stack. The chunked loss that replaced it is checked against measured steps of every strategy in
-# tests/plan/test_components.py; rerun bench/planner_measure.py on a machine with native bf16 to refresh this file.
-MEASURED_CPU = replace(EDGETUNE_CPU, chunked_loss=False)
+from bench.published_memory import CONFIGS, ROWS  # noqa: E402
+from edgetune.plan import stacks  # noqa: E402
+from edgetune.plan.components import RunShape, estimate  # noqa: E402
 from edgetune.plan.inventory import inspect_config  # noqa: E402
-from edgetune.plan.strategies import STRATEGIES, Backprop  # noqa: E402
+from edgetune.plan.run_options import RunOptions, stack_for  # noqa: E402
+from edgetune.plan.strategies import STRATEGIES  # noqa: E402
 
-GIB, GB = 1024**3, 10**9
+# planner_measured.json was measured (2026-11) when edgetune's training loss still held all logits: it is replayed
+# with `--loss full`. The chunked loss that replaced it is checked against measured steps of every strategy in
+# tests/plan/test_components.py; rerun bench/planner_measure.py on a machine with native bf16 to refresh this file.
+MEASURED_CPU = stack_for(RunOptions(loss="full"), "cpu")
+GIB = 1024**3
 RESULTS = ROOT / "bench" / "results"
-ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-LLAMA = dict(model_type="llama", hidden_act="silu", rms_norm_eps=1e-5)
-CONFIGS = {
-    "Llama-3.1-8B": dict(
-        LLAMA,
-        vocab_size=128256,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        max_position_embeddings=131072,
-        tie_word_embeddings=False,
-    ),
-    "Llama-2-7B": dict(
-        LLAMA,
-        vocab_size=32000,
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        max_position_embeddings=4096,
-        tie_word_embeddings=False,
-    ),
-    "Llama-2-13B": dict(
-        LLAMA,
-        vocab_size=32000,
-        hidden_size=5120,
-        intermediate_size=13824,
-        num_hidden_layers=40,
-        num_attention_heads=40,
-        num_key_value_heads=40,
-        max_position_embeddings=4096,
-        tie_word_embeddings=False,
-    ),
-    # Qwen-7B (v1) is a Llama-shaped decoder (RMSNorm, SwiGLU with 11008 per branch, MHA, untied head).
-    "Qwen-7B": dict(
-        LLAMA,
-        vocab_size=151936,
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        max_position_embeddings=8192,
-        tie_word_embeddings=False,
-    ),
-}
-
-# Stacks of the tools that published the measurements (derived from their configs and code; see each note).
-TORCHTUNE = Stack(adapter_bytes=2, logits_bytes_backprop=2 + 8 / 8)  # bf16 adapters; CE in 8 fp32 chunks
-# bf16-true (bf16 adapters); CE in 128-token chunks; the tables predate bitsandbytes #1270 (2023).
-LITGPT = Stack(adapter_bytes=2, logits_bytes_backprop=2 + 8 * 128 / 1304, quantized_matmul_saves_input=True)
-# HF in 2024: prepare_model_for_kbit_training casts embeddings, head and norms to fp32, and transformers before
-# 4.45 returned fp32 logits (logits.float() in forward): bf16 and fp32 logits, fp32 log-softmax, fp32 and bf16
-# gradients, 16 bytes per token per vocabulary entry.
-HF_2024_KBIT = Stack(unquantized_bytes=4, logits_bytes_backprop=16)
-# Qwen's own loss on a bf16 contiguous shifted copy, run in fp32 by the Trainer's bf16 autocast: 2 + 2 + 4 + 4.
-QWEN = Stack(logits_bytes_backprop=12)
-
-
-@dataclass(frozen=True)
-class Published:
-    source: str
-    model: str
-    setting: str
-    strategy: Backprop
-    run: RunShape
-    stack: Stack
-    reported: str  # "allocated" (peak of the allocator) or "device" (all the GPU memory the run needed)
-    published_bytes: int
-
-
-def lora(name: str, base: str, optimizer: str = "adamw", checkpointing: bool = True) -> Backprop:
-    return Backprop(
-        name=name, optimizer=optimizer, base=base, lora=True, checkpointing=checkpointing, default_lr=1e-4, summary=name
-    )
-
-
-PUBLISHED = [
-    Published(
-        "torchtune README (RTX 4090)",
-        "Llama-3.1-8B",
-        "QLoRA r=8 q,v,o+MLP, 2 x 2048 packed, AC",
-        lora("qlora", "nf4"),
-        RunShape(2, 2048, 8, ("q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
-        TORCHTUNE,
-        "allocated",
-        round(7.4 * GIB),
-    ),
-    Published(
-        "torchtune README (RTX 4090)",
-        "Llama-3.1-8B",
-        "LoRA r=8 q,v,o+MLP bf16, 2 x 2048 packed, AC",
-        lora("lora", "bf16"),
-        RunShape(2, 2048, 8, ("q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
-        TORCHTUNE,
-        "allocated",
-        round(16.2 * GIB),
-    ),
-]
-LITGPT_TABLE = {  # GB reported for bf16 / nf4 / nf4-dq
-    "Llama-2-7B": (21.30, 14.14, 13.84),
-    "Llama-2-13B": (38.12, 23.14, 22.55),
-}
-for model, values in LITGPT_TABLE.items():
-    for (precision, base, dq), value in zip(
-        [("bf16", "bf16", True), ("nf4", "nf4", False), ("nf4-dq", "nf4", True)], values, strict=True
-    ):
-        PUBLISHED.append(
-            Published(
-                "litgpt resource tables (A100)",
-                model,
-                f"LoRA r=8 q,v, {precision}, 1 x 1304",
-                lora("lora", base, checkpointing=False),
-                RunShape(1, 1304, 8, ("q_proj", "v_proj")),
-                replace(LITGPT, double_quant=dq),
-                "allocated",
-                round(value * GB),
-            )
-        )
-for gib, tokens in [(12, 932), (16, 2551), (24, 5789), (40, 12264), (80, 28454)]:
-    PUBLISHED.append(
-        Published(
-            "Unsloth README, HF + FA2 column",
-            "Llama-3.1-8B",
-            f"QLoRA r=32 all-linear, 1 x {tokens} (the longest that fits {gib} GB)",
-            lora("qlora", "nf4"),
-            RunShape(1, tokens, 32, ALL_LINEAR),
-            HF_2024_KBIT,
-            "device",
-            gib * GIB,
-        )
-    )
-for tokens, value in [(256, 20.1), (1024, 21.5), (2048, 23.8), (4096, 29.7), (8192, 36.6)]:
-    PUBLISHED.append(
-        Published(
-            "Qwen README profiling (A100)",
-            "Qwen-7B",
-            f"LoRA r=64 all-linear bf16, 1 x {tokens}",
-            lora("lora", "bf16"),
-            RunShape(1, tokens, 64, ALL_LINEAR),
-            QWEN,
-            "device",
-            round(value * GB),
-        )
-    )
-
-
-def planned_bytes(spec, row: Published) -> int:
-    sized = estimate(spec, row.strategy, row.run, row.stack)
-    if row.reported == "allocated":
-        return sized.peak_bytes
-    static = sum(c.bytes for c in sized.components if c.name in ("weights", "adapters", "optimizer state"))
-    slack = SLACK_DYNAMIC * (sized.peak_bytes - static) + SLACK_STATIC * static
-    return round(sized.peak_bytes + slack + calibration.DEFAULT_CUDA_CONTEXT_BYTES)
+FITTED = ("unsloth", "litgpt")  # stacks with a calibrated activation_scale
 
 
 def measured_rows() -> list[dict]:
@@ -219,45 +63,92 @@ def measured_rows() -> list[dict]:
     return rows
 
 
-def published_rows() -> list[dict]:
-    specs = {name: inspect_config(config) for name, config in CONFIGS.items()}
-    rows = []
-    for row in PUBLISHED:
-        planned = planned_bytes(specs[row.model], row)
-        rows.append(
-            {
-                "source": row.source,
-                "model": row.model,
-                "setting": row.setting,
-                "reported": row.reported,
-                "published_bytes": row.published_bytes,
-                "planned_bytes": planned,
-                "error": (planned - row.published_bytes) / row.published_bytes,
-            }
-        )
-    return rows
-
-
-def plan_seconds_8b() -> float:
+def published_rows(folder: Path) -> list[dict]:
+    """Every published row planned through api.plan with the row's own command-line options."""
     from edgetune import api
 
-    path = RESULTS / "llama-3.1-8b-config.json"
-    path.write_text(json.dumps(CONFIGS["Llama-3.1-8B"]))
+    paths = {}
+    for name, config in CONFIGS.items():
+        paths[name] = folder / f"{name}.json"
+        paths[name].write_text(json.dumps(config))
+    result = []
+    for published in ROWS:
+        options = dict(published["options"])
+        if "lora_targets" in options:
+            options["lora_targets"] = tuple(options["lora_targets"].split(","))
+        if options.get("double_quant") is not None:
+            options["double_quant"] = options["double_quant"] == "on"
+        plan = api.plan(str(paths[published["model"]]), budget="1000TiB", **options)
+        planned = next(iter(plan.plans.values())).reported_bytes(published["reported"])
+        error = (planned - published["published_bytes"]) / published["published_bytes"]
+        result.append(dict(published, planned_bytes=planned, error=error, command=command_line(published)))
+    return result
+
+
+def command_line(published: dict) -> str:
+    words = [f"edgetune plan --model {published['model']}.json"]
+    for key, value in published["options"].items():
+        if value is not None:
+            words.append(f"--{key.replace('_', '-')} {value}")
+    if published["reported"] != "device":
+        words.append(f"--report {published['reported']}")
+    return " ".join(words)
+
+
+def fit_scales(folder: Path) -> dict[str, dict[float, float]]:
+    """Median signed error of each fitted stack's rows over a grid of activation scales (printed by --fit)."""
+    fits = {}
+    for name in FITTED:
+        original = stacks.STACKS[name]
+        grid = {}
+        for scale in [round(0.4 + 0.05 * i, 2) for i in range(29)]:
+            stacks.STACKS[name] = replace(original, activation_scale=scale)
+            rows = [r for r in published_rows(folder) if r["options"].get("stack") == name]
+            grid[scale] = statistics.median(r["error"] for r in rows)
+        stacks.STACKS[name] = original
+        fits[name] = grid
+    return fits
+
+
+def by_kind(rows: list[dict]) -> dict[str, float]:
+    kinds = sorted({r["kind"] for r in rows})
+    return {kind: statistics.median(abs(r["error"]) for r in rows if r["kind"] == kind) for kind in kinds}
+
+
+def plan_seconds_8b(folder: Path) -> float:
+    from edgetune import api
+
+    path = folder / "Llama-3.1-8B.json"
     started = time.perf_counter()
     api.plan(str(path), profile="rtx-4090-24gb", seq_len=2048)
     return time.perf_counter() - started
 
 
 def main() -> None:
+    import argparse
+    import tempfile
+
     import torch  # noqa: F401  (imported before timing so the 8B plan time excludes library import)
 
-    measured, published = measured_rows(), published_rows()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--fit", action="store_true", help="print each fitted stack's error over activation scales")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="edgetune-published-") as scratch:
+        folder = Path(scratch)
+        if args.fit:
+            for name, grid in fit_scales(folder).items():
+                print(name, " ".join(f"{scale}:{100 * error:+.1f}%" for scale, error in grid.items()))
+            return
+        measured, published = measured_rows(), published_rows(folder)
+        seconds = plan_seconds_8b(folder)
     result = {
+        "date": time.strftime("%Y-%m-%d"),
         "measured": measured,
         "published": published,
-        "plan_seconds_llama_3_1_8b": plan_seconds_8b(),
+        "plan_seconds_llama_3_1_8b": seconds,
         "max_abs_error_measured": max(abs(r["error"]) for r in measured),
         "median_abs_error_published": statistics.median(abs(r["error"]) for r in published),
+        "median_abs_error_by_kind": by_kind(published),
     }
     (RESULTS / "planner_accuracy.json").write_text(json.dumps(result, indent=2) + "\n")
     (RESULTS / "planner_accuracy.md").write_text(markdown(result))
@@ -265,19 +156,21 @@ def main() -> None:
 
 
 def markdown(result: dict) -> str:
+    kinds = ", ".join(f"{kind} {100 * error:.1f}%" for kind, error in result["median_abs_error_by_kind"].items())
     lines = [
         "# Planner accuracy",
         "",
-        "Produced by `python bench/planner_measure.py && python bench/planner_accuracy.py`.",
+        f"Produced by `python bench/planner_measure.py && python bench/planner_accuracy.py` ({result['date']}).",
         "",
         f"Largest error against edgetune's measured CPU steps: **{100 * result['max_abs_error_measured']:.1f}%** "
         "(goal 10%).",
-        f"Median absolute error over the published measurements: "
-        f"**{100 * result['median_abs_error_published']:.1f}%** (goal 15%).",
+        f"Median absolute error over the published measurements, each planned through `edgetune plan` with the "
+        f"tool's `--stack` and the run's options: **{100 * result['median_abs_error_published']:.1f}%** (goal 10%); "
+        f"by method class: {kinds} (goal 15% each).",
         f"Planning Llama-3.1-8B from its config.json against a profile: {result['plan_seconds_llama_3_1_8b']:.2f} s "
         "(goal 3 s; libraries already imported).",
         "",
-        "## Measured on CPU (resident + step peak of new tensor bytes)",
+        "## Measured on CPU (resident + step peak of new tensor bytes; edgetune's stack with `--loss full`)",
         "",
         "| model | strategy | batch x seq | measured MiB | planned MiB | error |",
         "|---|---|---|---:|---:|---:|",
@@ -289,16 +182,18 @@ def markdown(result: dict) -> str:
         )
     lines += [
         "",
-        "## Published measurements replayed with each tool's stack",
+        "## Published measurements replayed through `edgetune plan`",
         "",
-        "| source | model | setting | reported | published GiB | planned GiB | error |",
-        "|---|---|---|---|---:|---:|---:|",
+        "| source | model | setting | class | reported | published GiB | planned GiB | error |",
+        "|---|---|---|---|---|---:|---:|---:|",
     ]
     for r in result["published"]:
         lines.append(
-            f"| {r['source']} | {r['model']} | {r['setting']} | {r['reported']} | "
+            f"| {r['source']} | {r['model']} | {r['setting']} | {r['kind']} | {r['reported']} | "
             f"{r['published_bytes'] / GIB:.2f} | {r['planned_bytes'] / GIB:.2f} | {100 * r['error']:+.1f}% |"
         )
+    lines += ["", "Commands (each row's `edgetune plan` options):", ""]
+    lines += [f"- `{r['command']}`" for r in result["published"]]
     return "\n".join(lines) + "\n"
 
 

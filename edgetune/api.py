@@ -15,6 +15,7 @@ from edgetune.plan.device import DeviceInfo, read_devices
 from edgetune.plan.inventory import inspect_model
 from edgetune.plan.profiles import DeviceProfile, list_profiles, load_profile
 from edgetune.plan.report import PlanResult
+from edgetune.plan.run_options import RunOptions
 from edgetune.plan.sources import ModelSource, resolve_model
 from edgetune.train.probe import ProbeConfig, ProbeResult, run_probe
 
@@ -74,6 +75,14 @@ def plan(
     budget: str | int | None = None,
     budget_device: BudgetKind = "cuda",
     strategies: tuple[str, ...] | None = None,
+    method: str | None = None,
+    precision: str | None = None,
+    optimizer: str | None = None,
+    checkpointing: str | None = None,
+    stack: str = "edgetune",
+    loss: str | None = None,
+    report: str = "device",
+    double_quant: bool | None = None,
     config=None,
     on_event: Callable[[str], None] | None = None,
 ) -> PlanResult:
@@ -86,6 +95,12 @@ def plan(
     free memory of this machine's first visible device. A hub model is planned from its ``config.json`` alone,
     the only file fetched; ``revision`` pins its branch, tag or commit (default: the config's ``model.revision``
     when the model comes from the config).
+
+    ``method``, ``precision``, ``optimizer``, ``checkpointing`` describe a run of your own (see
+    ``edgetune.plan.run_options.RunOptions``): it is sized instead of edgetune's strategies, with the storage
+    choices of ``stack`` (edgetune, hf, torchtune, unsloth, axolotl or litgpt; ``loss`` and ``double_quant``
+    override the preset). ``report`` says which total the table shows: allocated, reserved or device. With
+    ``method="inference"``, ``seq_len`` is the context length and ``batch_size`` the sequences generated at once.
 
     Raises:
         EdgetuneError: the model cannot be inspected, a value is out of range, the profile is unknown or the
@@ -109,7 +124,17 @@ def plan(
         memory = budget_of_size(config.train.budget_bytes, budget_device, f"train.budget={config.train.budget}")
     else:
         memory = budget_of_device(read_devices()[0])
-    return plan_run(source.name, inspect_model(source), run, memory, strategies)
+    options = RunOptions(
+        method=method,  # type: ignore[arg-type]  (RunOptions validates every value)
+        precision=precision,  # type: ignore[arg-type]
+        optimizer=optimizer,
+        checkpointing=checkpointing,  # type: ignore[arg-type]
+        stack=stack,
+        loss=loss,  # type: ignore[arg-type]
+        report=report,  # type: ignore[arg-type]
+        double_quant=double_quant,
+    )
+    return plan_run(source.name, inspect_model(source), run, memory, strategies, options)
 
 
 def train_config(

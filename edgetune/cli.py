@@ -198,6 +198,7 @@ def _add_plan(commands: argparse._SubParsersAction, common: argparse.ArgumentPar
         "--lora-targets", help="comma-separated linear names, or all-linear (default: the config's, every linear)"
     )
     sub.add_argument("--strategies", help="comma-separated strategies to size (default: all of them)")
+    _add_run_options(sub)
     where = sub.add_mutually_exclusive_group()
     where.add_argument("--profile", help="plan for a device profile, e.g. rtx-4060-8gb (see devices --profiles)")
     where.add_argument("--budget", help="plan for this much free memory, e.g. 6GiB")
@@ -209,6 +210,30 @@ def _add_plan(commands: argparse._SubParsersAction, common: argparse.ArgumentPar
     )
     sub.add_argument("--json", action="store_true", help="print the plan as JSON (all figures in bytes)")
     sub.set_defaults(handler=_run_plan)
+
+
+def _add_run_options(sub: argparse.ArgumentParser) -> None:
+    """The options that describe a run of your own, or one in another tool (plan/run_options.py)."""
+    from edgetune.plan.run_options import METHODS, OPTIMIZERS, REPORTS
+    from edgetune.plan.stacks import CHECKPOINTING, LOSS_KINDS, STACKS
+    from edgetune.plan.strategies import PLAN_PRECISIONS
+
+    run = sub.add_argument_group("a run of your own (sized instead of edgetune's strategies)")
+    run.add_argument("--method", choices=METHODS, help="full, lora, qlora, or inference (weights + KV cache)")
+    run.add_argument("--precision", choices=PLAN_PRECISIONS, help="the base weights' precision (default bf16)")
+    run.add_argument("--optimizer", choices=list(OPTIMIZERS), help="the optimizer (default adamw)")
+    run.add_argument("--checkpointing", choices=CHECKPOINTING, help="gradient checkpointing (default: the stack's)")
+    run.add_argument(
+        "--stack",
+        choices=list(STACKS),
+        default="edgetune",
+        help="price the run as this tool stores it (default edgetune)",
+    )
+    run.add_argument("--loss", choices=LOSS_KINDS, help="the loss, when it is not the stack's (e.g. a Liger plugin)")
+    run.add_argument("--double-quant", choices=["on", "off"], help="NF4 double quantization (default: the stack's)")
+    run.add_argument(
+        "--report", choices=REPORTS, default="device", help="the total shown: allocated, reserved or device (default)"
+    )
 
 
 def _run_plan(args: argparse.Namespace) -> int:
@@ -227,6 +252,14 @@ def _run_plan(args: argparse.Namespace) -> int:
         lora_rank=args.lora_rank,
         lora_targets=_names(args.lora_targets, "--lora-targets"),
         strategies=_names(args.strategies, "--strategies"),
+        method=args.method,
+        precision=args.precision,
+        optimizer=args.optimizer,
+        checkpointing=args.checkpointing,
+        stack=args.stack,
+        loss=args.loss,
+        report=args.report,
+        double_quant=None if args.double_quant is None else args.double_quant == "on",
         profile=args.profile,
         budget=args.budget,
         budget_device=args.budget_device,

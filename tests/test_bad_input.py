@@ -143,6 +143,28 @@ CASES = [
     Case("plan-zero-seq", lambda c: ["plan", str(c.model), "--seq-len", "0", "--budget", "1GiB"], "seq_len must be"),
     Case("plan-negative-rank", lambda c: ["plan", str(c.model), "--lora-rank", "-1"], "lora_rank must be"),
     Case("plan-unknown-profile", lambda c: ["plan", str(c.model), "--profile", "gtx-9999"], "unknown device profile"),
+    Case("plan-unknown-stack", lambda c: ["plan", str(c.model), "--stack", "deepspeed"], "invalid choice: 'deepspeed'"),
+    Case("plan-unknown-optimizer", lambda c: ["plan", str(c.model), "--optimizer", "lion"], "invalid choice: 'lion'"),
+    Case(
+        "plan-qlora-in-bf16",
+        lambda c: ["plan", str(c.model), "--method", "qlora", "--precision", "bf16", "--budget", "1GiB"],
+        "qlora means an nf4 base",
+    ),
+    Case(
+        "plan-inference-optimizer",
+        lambda c: ["plan", str(c.model), "--method", "inference", "--optimizer", "adamw", "--budget", "1GiB"],
+        "trains nothing",
+    ),
+    Case(
+        "plan-full-adafish",
+        lambda c: ["plan", str(c.model), "--method", "full", "--optimizer", "adafish", "--budget", "1GiB"],
+        "trains LoRA adapters only",
+    ),
+    Case(
+        "plan-mezo-checkpointing",
+        lambda c: ["plan", str(c.model), "--optimizer", "mezo", "--checkpointing", "on", "--budget", "1GiB"],
+        "runs no backward pass",
+    ),
     Case("plan-profile-and-budget", lambda c: ["plan", "--profile", "rtx-3050-8gb", "--budget", "1GiB"], "not allowed"),
     Case("plan-batch-words", lambda c: ["plan", "--batch-size", "many"], "invalid int value: 'many'"),
     Case("plan-bad-yaml", lambda c: ["plan", text_file(c, "bad.yaml", "train: [1, 2\n")], "is not valid YAML"),

@@ -178,6 +178,27 @@ def test_plan_json_has_the_same_numbers(capsys, tmp_path):
         assert strategy["total_bytes"] == sum(c["bytes"] for c in strategy["components"].values())
 
 
+def test_plan_sizes_a_run_described_for_another_tool(capsys, tmp_path):
+    argv = ["plan", "--model", tiny_config_file(tmp_path), "--budget", "2GiB", "--method", "qlora", "--stack", "hf"]
+    code, out, _ = run(capsys, *argv, "--optimizer", "paged-adamw-8bit", "--report", "allocated", "--json")
+    plan = json.loads(out)
+    assert code == 0 and plan["stack"] == "hf" and plan["report"] == "allocated"
+    assert (
+        list(plan["strategies"]) == ["paged-adamw-8bit-qlora-gc"] and plan["recommended"] == "paged-adamw-8bit-qlora-gc"
+    )
+    sized = plan["strategies"]["paged-adamw-8bit-qlora-gc"]
+    assert sized["allocated_bytes"] < sized["reserved_bytes"] < sized["total_bytes"]
+    code, out, _ = run(capsys, *argv, "--report", "allocated")
+    assert code == 0 and "total allocated" in out and "cuda context" not in out and "hf stack" in out
+
+
+def test_plan_says_the_cheapest_change_when_nothing_fits(capsys, tmp_path):
+    argv = ["plan", "--model", tiny_config_file(tmp_path), "--method", "lora", "--stack", "hf", "--seq-len", "4096"]
+    code, out, _ = run(capsys, *argv, "--batch-size", "64", "--budget", "1.2GiB")
+    assert code == 0 and "recommended: nothing fits" in out
+    assert "cheapest change that fits: adamw-lora with " in out
+
+
 @pytest.mark.parametrize(
     "argv,fragment",
     [

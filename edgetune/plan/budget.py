@@ -11,11 +11,12 @@ from typing import Literal
 
 from edgetune.errors import EdgetuneError
 from edgetune.plan import calibration
-from edgetune.plan.components import EDGETUNE_CPU, EDGETUNE_CUDA, Component, Estimate, RunShape, estimate
+from edgetune.plan.components import Component, Estimate, RunShape, estimate
 from edgetune.plan.device import DeviceInfo
 from edgetune.plan.inventory import ModelSpec
 from edgetune.plan.profiles import DeviceProfile
-from edgetune.plan.strategies import LADDER, STRATEGIES, Strategy, with_checkpointing
+from edgetune.plan.stacks import EDGETUNE_CPU, EDGETUNE_CUDA, Stack
+from edgetune.plan.strategies import LADDER, STRATEGIES, Backprop, Strategy, with_checkpointing
 
 BudgetKind = Literal["cuda", "unified", "cpu"]
 MIN_MARGIN_BYTES = 300 * 1024**2
@@ -63,7 +64,12 @@ class Budget:
 
 @dataclass(frozen=True)
 class StrategyPlan:
-    """One strategy sized against a budget."""
+    """One strategy sized against a budget.
+
+    ``total_bytes`` is all the memory the run needs on the device (context and allocator slack included) and
+    decides whether it fits; ``allocated_bytes`` is the allocator's peak (``torch.cuda.max_memory_allocated``, or
+    tracked tensors on CPU) and ``reserved_bytes`` what the caching allocator holds (the peak plus slack).
+    """
 
     strategy: Strategy
     estimate: Estimate
@@ -73,6 +79,18 @@ class StrategyPlan:
     headroom_bytes: int
     max_seq_len_at_batch_1: int
     max_batch_at_seq_len: int
+
+    @property
+    def allocated_bytes(self) -> int:
+        return self.estimate.peak_bytes
+
+    @property
+    def reserved_bytes(self) -> int:
+        return self.estimate.peak_bytes + sum(c.bytes for c in self.overhead if c.name == "allocator slack")
+
+    def reported_bytes(self, report: str) -> int:
+        """The figure ``report`` names: allocated, reserved or device."""
+        return {"allocated": self.allocated_bytes, "reserved": self.reserved_bytes}.get(report, self.total_bytes)
 
 
 def parse_bytes(text: str) -> int:
@@ -104,9 +122,12 @@ def overhead_rows(budget: Budget, sized: Estimate) -> tuple[Component, ...]:
     return runtime, Component("allocator slack", slack, False, "10% of the step + 5% of resident")
 
 
-def size(spec: ModelSpec, strategy: Strategy, run: RunShape, budget: Budget) -> StrategyPlan:
-    """Size one strategy and answer the inverse questions (longest sequence, largest batch)."""
-    sized = _estimate(spec, strategy, run, budget)
+def size(
+    spec: ModelSpec, strategy: Strategy, run: RunShape, budget: Budget, stack: Stack | None = None
+) -> StrategyPlan:
+    """Size one strategy with ``stack`` (default: edgetune's, for the budget's device) and answer the inverse
+    questions (longest sequence, largest batch)."""
+    sized = _estimate(spec, strategy, run, budget, stack)
     overhead = overhead_rows(budget, sized)
     total = sized.peak_bytes + sum(c.bytes for c in overhead)
     return StrategyPlan(
@@ -122,26 +143,31 @@ def size(spec: ModelSpec, strategy: Strategy, run: RunShape, budget: Budget) -> 
             strategy,
             budget,
             upper=max(spec.max_positions, run.seq_len),
+            stack=stack,
         ),
-        max_batch_at_seq_len=_largest(lambda n: replace(run, batch_size=n), spec, strategy, budget, upper=4096),
+        max_batch_at_seq_len=_largest(
+            lambda n: replace(run, batch_size=n), spec, strategy, budget, upper=4096, stack=stack
+        ),
     )
 
 
-def total_bytes(spec: ModelSpec, strategy: Strategy, run: RunShape, budget: Budget) -> int:
+def total_bytes(spec: ModelSpec, strategy: Strategy, run: RunShape, budget: Budget, stack: Stack | None = None) -> int:
     """Planned total (estimate + context + slack) for one run shape."""
-    sized = _estimate(spec, strategy, run, budget)
+    sized = _estimate(spec, strategy, run, budget, stack)
     return sized.peak_bytes + sum(c.bytes for c in overhead_rows(budget, sized))
 
 
-def _estimate(spec: ModelSpec, strategy: Strategy, run: RunShape, budget: Budget) -> Estimate:
-    return estimate(spec, strategy, run, EDGETUNE_CPU if budget.kind == "cpu" else EDGETUNE_CUDA)
+def _estimate(spec: ModelSpec, strategy: Strategy, run: RunShape, budget: Budget, stack: Stack | None) -> Estimate:
+    if stack is None:
+        stack = EDGETUNE_CPU if budget.kind == "cpu" else EDGETUNE_CUDA
+    return estimate(spec, strategy, run, stack)
 
 
-def _largest(make_run, spec: ModelSpec, strategy: Strategy, budget: Budget, upper: int) -> int:
+def _largest(make_run, spec: ModelSpec, strategy: Strategy, budget: Budget, upper: int, stack=None) -> int:
     """Largest n in [1, upper] whose run fits (0 if none): memory never shrinks as tokens grow, so bisect."""
 
     def fits(n: int) -> bool:
-        return total_bytes(spec, strategy, make_run(n), budget) <= budget.usable_bytes
+        return total_bytes(spec, strategy, make_run(n), budget, stack) <= budget.usable_bytes
 
     if not fits(1):
         return 0
@@ -163,10 +189,12 @@ class Lever:
     fits_after: bool
 
 
-def levers(spec: ModelSpec, run: RunShape, budget: Budget, name: str = LADDER[-1]) -> list[Lever]:
-    """What would make ``name`` (by default the leanest rung) fit, largest saving first."""
-    strategy = STRATEGIES[name]
-    base = total_bytes(spec, strategy, run, budget)
+def levers(
+    spec: ModelSpec, run: RunShape, budget: Budget, strategy: Strategy | None = None, stack: Stack | None = None
+) -> list[Lever]:
+    """What would make ``strategy`` (by default the leanest rung) fit, largest saving first."""
+    strategy = strategy or STRATEGIES[LADDER[-1]]
+    base = total_bytes(spec, strategy, run, budget, stack)
     options = []
     if run.seq_len > 1:
         options.append((f"halve the sequence to {run.seq_len // 2}", strategy, replace(run, seq_len=run.seq_len // 2)))
@@ -174,10 +202,12 @@ def levers(spec: ModelSpec, run: RunShape, budget: Budget, name: str = LADDER[-1
         options.append(("batch size 1 (raise gradient accumulation)", strategy, replace(run, batch_size=1)))
     if strategy.lora and run.lora_rank > 4:
         options.append((f"LoRA rank {run.lora_rank // 2}", strategy, replace(run, lora_rank=run.lora_rank // 2)))
-    checkpointed = with_checkpointing(strategy)
+    checkpointed = with_checkpointing(strategy) if strategy.name in STRATEGIES else _checkpointed(strategy)
     if checkpointed is not None:
         options.append(("gradient checkpointing", checkpointed, run))
-    longest = _largest(lambda n: replace(run, batch_size=1, seq_len=n), spec, strategy, budget, upper=run.seq_len)
+    longest = _largest(
+        lambda n: replace(run, batch_size=1, seq_len=n), spec, strategy, budget, upper=run.seq_len, stack=stack
+    )
     if 0 < longest < run.seq_len:
         options.append(
             (
@@ -188,9 +218,9 @@ def levers(spec: ModelSpec, run: RunShape, budget: Budget, name: str = LADDER[-1
         )
     result = []
     for change, candidate, changed in options:
-        after = total_bytes(spec, candidate, changed, budget)
+        after = total_bytes(spec, candidate, changed, budget, stack)
         result.append(Lever(change, base - after, after <= budget.usable_bytes))
-    weights = next(c.bytes for c in _estimate(spec, strategy, run, budget).components if c.name == "weights")
+    weights = next(c.bytes for c in _estimate(spec, strategy, run, budget, stack).components if c.name == "weights")
     shortfall = base - budget.usable_bytes
     if shortfall > 0:
         result.append(
@@ -201,6 +231,13 @@ def levers(spec: ModelSpec, run: RunShape, budget: Budget, name: str = LADDER[-1
             )
         )
     return sorted(result, key=lambda lever: -lever.saves_bytes)
+
+
+def _checkpointed(strategy: Strategy) -> Strategy | None:
+    """A described run with checkpointing turned on (the ladder's rungs use ``with_checkpointing``)."""
+    if not isinstance(strategy, Backprop) or strategy.checkpointing:
+        return None
+    return replace(strategy, name=f"{strategy.name}-gc", checkpointing=True)
 
 
 def _gib(value: int) -> str:

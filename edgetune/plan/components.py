@@ -9,107 +9,30 @@ step, because they do not overlap in time:
     loss      = activations kept for backward + logits and cross-entropy
     backward  = gradients + one recomputed layer (checkpointing) + checkpoints
     optimizer = gradients + optimizer-step temporaries
+
+Generation (``Inference``) has one phase: the KV cache plus one forward's working set.
 """
 
-from dataclasses import dataclass, field
-
-from edgetune.errors import EdgetuneError
 from edgetune.plan import calibration
 from edgetune.plan.inventory import ModelSpec, lora_params, lora_shapes, nf4_bytes
-from edgetune.plan.strategies import DEFAULT_LORA_TARGETS, Backprop, Strategy, ZerothOrder, resolve_targets
+from edgetune.plan.loss_memory import loss_chunk_positions, loss_component
+from edgetune.plan.optimizer_memory import DTYPE_BYTES, gradient_bytes, state_bytes, step_temporary_bytes
+from edgetune.plan.plan_types import Component, Estimate, RunShape
+from edgetune.plan.stacks import EDGETUNE_CPU, EDGETUNE_CUDA, Stack
+from edgetune.plan.strategies import Backprop, Inference, Strategy, ZerothOrder, resolve_targets
 
-DTYPE_BYTES = {"fp32": 4, "bf16": 2}
-
-
-def loss_chunk_positions(vocab_size: int) -> int:
-    """Positions whose logits edgetune's chunked loss computes at once (``edgetune.train.chunked_loss``).
-
-    About ``calibration.LOSS_CHUNK_LOGITS`` logits per chunk, at least 16 positions: 85 for SmolLM2's 49,152
-    entries, 32 for Llama 3's 128,256.
-    """
-    return max(16, calibration.LOSS_CHUNK_LOGITS // max(vocab_size, 1))
-
-
-@dataclass(frozen=True)
-class Stack:
-    """How the software stack stores and computes things; the defaults are edgetune's own loading path.
-
-    Other tools differ (bf16 adapters, fp32 embeddings after ``prepare_model_for_kbit_training``, chunked
-    cross-entropy, offloaded checkpoints), which is how ``bench/planner_accuracy.py`` replays their published
-    measurements.
-
-    Attributes:
-        device: "cuda" or "cpu" (optimizer-step temporaries differ).
-        adapter_bytes: bytes per LoRA weight; peft keeps adapters in fp32 (see ``loading.attach_lora``).
-        unquantized_bytes: bytes per embedding, head and norm weight next to an NF4 base.
-        double_quant: NF4 with double quantization of the block scales.
-        logits_bytes_backprop: bytes per token per vocabulary entry at the loss, with backprop.
-        logits_bytes_forward: the same for a no-grad forward.
-        offload_checkpoints: checkpoints live in host memory (Unsloth's "unsloth" checkpointing).
-        quantized_matmul_saves_input: bitsandbytes before the fix of bitsandbytes #1270 (mid 2024) kept the
-            16-bit input of every 4-bit matmul for backward, even with the base frozen.
-        chunked_loss: the output head and cross-entropy run over chunks of positions and never hold all logits
-            (edgetune's ``train.chunked_loss``); False prices the full logits with ``logits_bytes_*``.
-    """
-
-    device: str = "cuda"
-    adapter_bytes: int = 4
-    unquantized_bytes: int = 2
-    double_quant: bool = True
-    logits_bytes_backprop: float = calibration.LOGITS_BYTES_BACKPROP
-    logits_bytes_forward: float = calibration.LOGITS_BYTES_FORWARD
-    offload_checkpoints: bool = False
-    quantized_matmul_saves_input: bool = False
-    chunked_loss: bool = False
-
-
-EDGETUNE_CUDA = Stack(device="cuda", chunked_loss=True)
-EDGETUNE_CPU = Stack(device="cpu", chunked_loss=True)
-
-
-@dataclass(frozen=True)
-class RunShape:
-    """The shape of a training run that memory depends on."""
-
-    batch_size: int = 4
-    seq_len: int = 256
-    lora_rank: int = 16
-    lora_targets: tuple[str, ...] = field(default=DEFAULT_LORA_TARGETS)
-
-    def __post_init__(self) -> None:
-        for name, most in (("batch_size", 2**20), ("seq_len", 2**24), ("lora_rank", 2**16)):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise EdgetuneError(f"{name} must be a positive integer, got {value!r}", f"pass a {name} >= 1")
-            if value > most:
-                raise EdgetuneError(f"{name}={value:,} is beyond any run edgetune plans", f"pass a {name} <= {most:,}")
-
-    @property
-    def tokens(self) -> int:
-        return self.batch_size * self.seq_len
-
-
-@dataclass(frozen=True)
-class Component:
-    """One row of a plan: bytes, whether the figure is exact, and what it counts."""
-
-    name: str
-    bytes: int
-    exact: bool
-    note: str
-
-
-@dataclass(frozen=True)
-class Estimate:
-    """A strategy's planned memory: resident components, the peaking phase, and the total."""
-
-    strategy: str
-    components: tuple[Component, ...]
-    peak_phase: str
-    peak_bytes: int
-
-    def component(self, name: str) -> Component:
-        return next(c for c in self.components if c.name == name)
+__all__ = [
+    "EDGETUNE_CPU",
+    "EDGETUNE_CUDA",
+    "Component",
+    "Estimate",
+    "RunShape",
+    "Stack",
+    "estimate",
+    "loss_chunk_positions",
+    "optimizer_state_bytes",
+    "weights_bytes",
+]
 
 
 def estimate(spec: ModelSpec, strategy: Strategy, run: RunShape, stack: Stack = EDGETUNE_CUDA) -> Estimate:
@@ -120,17 +43,20 @@ def estimate(spec: ModelSpec, strategy: Strategy, run: RunShape, stack: Stack = 
     """
     shapes = lora_shapes(spec, run.lora_rank, run.lora_targets) if strategy.lora else []
     trainable = lora_params(shapes) if strategy.lora else spec.total_params
-    trainable_bytes = stack.adapter_bytes if strategy.lora else DTYPE_BYTES.get(strategy.base, 2)
-    state = optimizer_state_bytes(spec, strategy, shapes, trainable, stack)
     resident = [
-        Component("weights", weights_bytes(spec, strategy.base, stack), True, _weights_note(strategy.base)),
-        Component("adapters", trainable * trainable_bytes if strategy.lora else 0, True, "LoRA A and B"),
-        Component("optimizer state", state, True, _state_note(strategy)),
+        Component("weights", weights_bytes(spec, strategy.base, stack), True, _weights_note(strategy.base, stack)),
+        Component("adapters", trainable * stack.adapter_bytes if strategy.lora else 0, True, "LoRA A and B"),
+        Component(
+            "optimizer state", state_bytes(spec, strategy, shapes, trainable, stack), True, _state_note(strategy)
+        ),
     ]
-    if isinstance(strategy, ZerothOrder):
+    if isinstance(strategy, Inference):
+        phases = _inference_phases(spec, strategy, run, stack)
+    elif isinstance(strategy, ZerothOrder):
         phases = _zeroth_order_phases(spec, strategy, run, shapes, stack)
     else:
-        phases = _backprop_phases(spec, strategy, run, shapes, trainable * trainable_bytes, stack)
+        gradients = gradient_bytes(spec, strategy, trainable, stack)
+        phases = _backprop_phases(spec, strategy, run, shapes, gradients, stack)
     peak_phase = max(phases, key=lambda name: sum(c.bytes for c in phases[name]))
     components = tuple(resident) + _phase_rows(phases, peak_phase)
     return Estimate(strategy.name, components, peak_phase, sum(c.bytes for c in resident + list(phases[peak_phase])))
@@ -144,27 +70,9 @@ def weights_bytes(spec: ModelSpec, base: str, stack: Stack = EDGETUNE_CUDA) -> i
     return DTYPE_BYTES[base] * spec.total_params + spec.buffer_bytes
 
 
-def optimizer_state_bytes(
-    spec: ModelSpec,
-    strategy: Strategy,
-    shapes: list[tuple[int, int, int]],
-    trainable: int,
-    stack: Stack = EDGETUNE_CUDA,
-) -> int:
-    """Exact persistent optimizer state, from the optimizer module that defines it."""
-    # Each optimizer module states its own state's size; they import torch, so plan modules import them late.
-    from edgetune.optim import adafish, hizoo, scaled_adamw
-
-    if isinstance(strategy, ZerothOrder):
-        return hizoo.state_bytes(trainable, strategy.hessian)
-    param_bytes = stack.adapter_bytes if strategy.lora else DTYPE_BYTES[strategy.base]
-    if strategy.optimizer == "adafish":
-        return adafish.state_bytes(shapes, 0, param_bytes=param_bytes)
-    if strategy.optimizer == "scaled_adamw":
-        return scaled_adamw.state_bytes(shapes, 0 if strategy.lora else trainable, param_bytes=param_bytes)
-    # torch AdamW: exp_avg and exp_avg_sq in the parameter dtype plus a 4-byte step tensor per parameter tensor.
-    tensors = 2 * len(shapes) if strategy.lora else spec.parameter_tensors
-    return 2 * param_bytes * trainable + 4 * tensors
+def optimizer_state_bytes(spec: ModelSpec, strategy: Strategy, shapes, trainable: int, stack=EDGETUNE_CUDA) -> int:
+    """Exact persistent optimizer state (see ``optimizer_memory.state_bytes``)."""
+    return state_bytes(spec, strategy, shapes, trainable, stack)
 
 
 def activation_bytes_per_token(
@@ -172,8 +80,8 @@ def activation_bytes_per_token(
 ) -> float:
     """Calibrated bytes one decoder layer keeps for backward per token, without checkpointing."""
     coefficients = dict(calibration.ACTIVATION_COEFFICIENTS["lora" if strategy.lora else "full"])
-    if stack.adapter_bytes == 2:
-        # 16-bit adapters read the base layer's own input, so no fp32 copy of it is kept.
+    if not stack.adapter_input_copy:
+        # 16-bit adapters and fused LoRA kernels read the base layer's own input, so no fp32 copy of it is kept.
         coefficients["adapted_inputs"] = 0.0
     targets = resolve_targets(run.lora_targets, spec.linear_names) if strategy.lora else ()
     adapted = [group for target in targets for group in spec.linear_groups(target)]
@@ -188,21 +96,24 @@ def activation_bytes_per_token(
         "adapted_rank": run.lora_rank * sum(g.count for g in adapted) / layers,
     }
     per_token = sum(coefficients[name] * widths[name] for name in widths)
+    if strategy.base == "fp32":
+        per_token *= 2  # the coefficients were measured on a 16-bit base; fp32 keeps every saved tensor in fp32
     if stack.quantized_matmul_saves_input and strategy.base == "nf4":
         # The distinct inputs of a block's linears: attention input, o_proj, MLP input (h each) and down_proj (i).
         per_token += 2 * (3 * spec.hidden_size + spec.intermediate_size)
-    return per_token
+    return per_token * stack.activation_scale
 
 
-def _backprop_phases(spec, strategy: Backprop, run, shapes, gradient_bytes: int, stack: Stack):
+def _backprop_phases(spec, strategy: Backprop, run, shapes, gradient_total: int, stack: Stack):
     layer = round(activation_bytes_per_token(spec, strategy, run, stack) * run.tokens)
-    checkpoints = calibration.CHECKPOINT_BYTES_PER_HIDDEN * spec.hidden_size * run.tokens * spec.num_layers
+    checkpoint_bytes = 4 if strategy.base == "fp32" else calibration.CHECKPOINT_BYTES_PER_HIDDEN
+    checkpoints = checkpoint_bytes * spec.hidden_size * run.tokens * spec.num_layers
     checkpoints *= 0 if stack.offload_checkpoints else 1
     kept = checkpoints if strategy.checkpointing else layer * spec.num_layers
-    gradients = Component("gradients", gradient_bytes, True, "one per trainable parameter")
-    activations = Component("activations", kept, False, _activation_note(strategy, spec))
+    gradients = Component("gradients", gradient_total, True, _gradient_note(strategy, stack))
+    activations = Component("activations", kept, False, _activation_note(strategy, spec, stack))
     return {
-        "loss": (activations, _loss_component(spec, strategy, run, stack, backprop=True)),
+        "loss": (activations, loss_component(spec, strategy, run, stack, backprop=True)),
         "backward": (
             gradients,
             activations
@@ -225,44 +136,33 @@ def _zeroth_order_phases(spec, strategy: ZerothOrder, run, shapes, stack: Stack)
     buffer = hizoo.buffer_bytes(largest, strategy.hessian, hizoo.CPU_CHUNK_NUMEL)
     return {
         "forward": (
-            _loss_component(spec, strategy, run, stack, backprop=False),
+            loss_component(spec, strategy, run, stack, backprop=False),
             Component("zeroth-order buffer", buffer, True, "reusable perturbation buffer"),
         )
     }
 
 
-def _loss_component(spec: ModelSpec, strategy: Strategy, run: RunShape, stack: Stack, *, backprop: bool) -> Component:
-    """The loss row: every logit at once, or with the chunked loss one chunk of them plus its gradient buffers."""
-    if not stack.chunked_loss:
-        per_logit = stack.logits_bytes_backprop if backprop else stack.logits_bytes_forward
-        note = "logits, fp32 loss and its gradient" if backprop else "no-grad forward: logits and fp32 loss"
-        return Component("logits", round(per_logit * run.tokens * spec.vocab_size), False, note)
-    head_bytes = DTYPE_BYTES.get(strategy.base, 2)  # an NF4 base keeps its head in bf16
-    chunk = min(loss_chunk_positions(spec.vocab_size), run.tokens)
-    mode = "forward" if not backprop else "frozen head" if strategy.lora else "trained head"
-    per_logit = calibration.CHUNK_LOGIT_BYTES[(head_bytes, mode)]
-    # The labelled positions' hidden states are copied out (every position, at most); backprop adds their gradient.
-    hidden = (2 if backprop else 1) * run.tokens * spec.hidden_size * head_bytes
-    head_gradient = 4 * spec.vocab_size * spec.hidden_size if backprop and not strategy.lora else 0
-    total = round(per_logit * chunk * spec.vocab_size) + hidden + head_gradient
-    return Component("logits", total, False, f"chunked loss: {chunk} positions of logits at a time")
+def _inference_phases(spec, strategy: Inference, run, stack: Stack):
+    """Prefill of ``run.seq_len`` tokens per sequence: the KV cache and the largest transient of one forward.
 
-
-def step_temporary_bytes(spec: ModelSpec, strategy: Backprop, shapes, stack: Stack = EDGETUNE_CUDA) -> int:
-    """Bytes the optimizer step allocates and frees (calibrated for torch AdamW, bounds for ours)."""
-    from edgetune.optim import scaled_adamw
-
-    param_bytes = stack.adapter_bytes if strategy.lora else DTYPE_BYTES[strategy.base]
-    other = 0 if strategy.lora else spec.total_params
-    if strategy.optimizer == "scaled_adamw":
-        return scaled_adamw.step_temporary_bytes(shapes, other, param_bytes=param_bytes)
-    largest = max((r * max(i, o) for r, i, o in shapes), default=0) if strategy.lora else spec.largest_tensor_params
-    if strategy.optimizer == "adamw":
-        # torch AdamW computes in the parameter dtype: foreach (CUDA) over everything, per tensor on CPU.
-        if stack.device == "cuda":
-            return param_bytes * (lora_params(shapes) if strategy.lora else spec.total_params)
-        return calibration.ADAMW_CPU_TEMPORARY_COPIES * param_bytes * largest
-    return calibration.ADAMW_CPU_TEMPORARY_COPIES * max(4, param_bytes) * largest
+    The KV cache is exact (keys and values of every layer in the compute dtype). The forward's working set peaks
+    at the MLP of transformers' Llama block: the activated gate, the up projection and their product (3 x
+    intermediate) next to four hidden-wide tensors (residual stream, normed input, attention output and the sum):
+    calibrated, within 2% of a measured no-grad prefill in tests/plan/test_components.py. Generation computes the
+    logits of the last position only, in fp32. A 4-bit base dequantizes one weight at a time to 16 bits.
+    """
+    compute = 4 if strategy.base == "fp32" else 2
+    kv = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * run.tokens * compute
+    working = compute * run.tokens * (4 * spec.hidden_size + 3 * spec.intermediate_size)
+    logits = run.batch_size * spec.vocab_size * (compute + 4)
+    dequantized = 2 * spec.largest_linear_params if strategy.base == "nf4" else 0
+    return {
+        "forward": (
+            Component("kv cache", kv, True, f"keys and values of {run.seq_len} positions x {run.batch_size}"),
+            Component("activations", working + dequantized, False, "one forward's working set (MLP)"),
+            Component("logits", logits, True, "last position's logits, fp32"),
+        )
+    }
 
 
 def _phase_rows(phases, peak_phase: str) -> tuple[Component, ...]:
@@ -276,23 +176,40 @@ def _phase_rows(phases, peak_phase: str) -> tuple[Component, ...]:
     return tuple(rows.values())
 
 
-def _weights_note(base: str) -> str:
+def _weights_note(base: str, stack: Stack) -> str:
     if base == "nf4":
-        return "decoder linears NF4 + double quant; embeddings, head, norms bf16"
+        quant = "NF4 + double quant" if stack.double_quant else "NF4"
+        rest = "fp32" if stack.unquantized_bytes == 4 else "16-bit"
+        return f"decoder linears {quant}; embeddings, head, norms {rest}"
     return f"all parameters in {base}"
 
 
 def _state_note(strategy: Strategy) -> str:
+    if isinstance(strategy, Inference):
+        return "none (generation)"
     if isinstance(strategy, ZerothOrder):
         return "fp32 diagonal Hessian" if strategy.hessian else "none (MeZO)"
     return {
         "adafish": "momentum + r x r Fisher per factor",
         "scaled_adamw": "Adam moments in fp32",
         "adamw": "Adam moments",
+        "adamw_8bit": "Adam moments in 8 bits (bitsandbytes)",
+        "paged_adamw": "paged to host memory (bitsandbytes)",
+        "paged_adamw_8bit": "paged to host memory (bitsandbytes)",
+        "adafactor": "factored second moments, fp32",
+        "sgd": "none (no momentum)",
     }[strategy.optimizer]
 
 
-def _activation_note(strategy: Backprop, spec: ModelSpec) -> str:
+def _gradient_note(strategy: Backprop, stack: Stack) -> str:
+    if stack.optimizer_in_backward and not strategy.lora:
+        return "one tensor at a time (optimizer steps in backward)"
+    return "one per trainable parameter"
+
+
+def _activation_note(strategy: Backprop, spec: ModelSpec, stack: Stack) -> str:
+    if strategy.checkpointing and stack.offload_checkpoints:
+        return "checkpoints offloaded to host memory"
     if strategy.checkpointing:
-        return f"one bf16 checkpoint per layer x {spec.num_layers} layers"
+        return f"one 16-bit checkpoint per layer x {spec.num_layers} layers"
     return f"saved for backward x {spec.num_layers} layers"

@@ -13,6 +13,8 @@ from edgetune.plan.budget import Budget, StrategyPlan, levers, size
 from edgetune.plan.components import RunShape
 from edgetune.plan.inventory import ModelSpec
 from edgetune.plan.report import PlanResult
+from edgetune.plan.run_options import RunOptions, stack_for, strategy_for
+from edgetune.plan.search import cheapest_fix
 from edgetune.plan.strategies import LADDER, STRATEGIES, Strategy
 
 
@@ -26,22 +28,41 @@ class Decision:
 
 
 def plan_run(
-    model: str, spec: ModelSpec, run: RunShape, budget: Budget, strategies: tuple[str, ...] | None = None
+    model: str,
+    spec: ModelSpec,
+    run: RunShape,
+    budget: Budget,
+    strategies: tuple[str, ...] | None = None,
+    options: RunOptions | None = None,
 ) -> PlanResult:
-    """Size ``strategies`` (default: all) for a model and run shape against a budget, and recommend one.
+    """Size strategies for a model and run shape against a budget, and recommend one.
+
+    Without ``options`` describing a run, the strategies sized are ``strategies`` (default: all of edgetune's) and
+    the recommendation walks the ladder. With them, the described run is sized (plus any named ``strategies``) with
+    the options' stack, and is what the plan recommends when it fits.
 
     Raises:
         EdgetuneError: a strategy name is unknown, or no LoRA target matches the model.
     """
-    chosen = strategies or tuple(STRATEGIES)
+    options = options or RunOptions()
+    stack = stack_for(options, "cpu" if budget.kind == "cpu" else "cuda")
+    described = strategy_for(options, stack) if options.describes_run else None
+    chosen = strategies or (() if described else tuple(STRATEGIES))
     unknown = [name for name in chosen if name not in STRATEGIES]
     if unknown:
         raise EdgetuneError(f"unknown strategy {unknown[0]!r}", f"use one of {', '.join(STRATEGIES)}")
-    plans = {name: size(spec, STRATEGIES[name], run, budget) for name in chosen}
-    recommended = recommend(plans)
+    plans = {name: size(spec, STRATEGIES[name], run, budget, stack) for name in chosen}
+    if described is not None:
+        plans = {described.name: size(spec, described, run, budget, stack), **plans}
+        recommended = described.name if plans[described.name].fits else recommend(plans)
+    else:
+        recommended = recommend(plans)
     warnings = []
     if spec.max_positions and run.seq_len > spec.max_positions:
         warnings.append(f"seq_len {run.seq_len} exceeds the model's {spec.max_positions} positions; planned anyway")
+    nothing_fits = recommended is None
+    candidates = [described] if described else [STRATEGIES[name] for name in LADDER]
+    fix = cheapest_fix(spec, run, budget, candidates, stack, described=described is not None) if nothing_fits else None
     return PlanResult(
         model=model,
         spec=spec,
@@ -49,10 +70,25 @@ def plan_run(
         budget=budget,
         plans=plans,
         recommended=recommended,
-        reason=ladder_reason(recommended, plans),
-        levers=[] if recommended else levers(spec, run, budget),
+        reason=_described_reason(described, plans) if described else ladder_reason(recommended, plans),
+        levers=[] if not nothing_fits else levers(spec, run, budget, candidates[-1], stack),
         warnings=warnings,
+        stack=stack.name,
+        report=options.report,
+        fix=fix.describe(budget.usable_bytes) if fix else _no_fix(nothing_fits),
     )
+
+
+def _no_fix(nothing_fits: bool) -> str | None:
+    if not nothing_fits:
+        return None
+    return "no combination of batch, sequence, rank, checkpointing and base fits: use a smaller model or more memory"
+
+
+def _described_reason(described: Strategy, plans: dict[str, StrategyPlan]) -> str:
+    if plans[described.name].fits:
+        return "the run you described fits with margin"
+    return "the run you described does not fit; the changes below would reduce it"
 
 
 def recommend(plans: dict[str, StrategyPlan]) -> str | None:
@@ -85,8 +121,8 @@ def decide(result: PlanResult, requested: str | None, *, force: bool = False) ->
         )
     if requested is None:
         if result.recommended is None:
-            hints = "; ".join(lever.change for lever in result.levers[:2])
-            raise EdgetuneError("no strategy fits the memory available", f"try: {hints}")
+            hints = result.fix or "; ".join(lever.change for lever in result.levers[:2])
+            raise EdgetuneError("no strategy fits the memory available", hints)
         chosen = result.recommended
         return Decision(STRATEGIES[chosen], f"recommended by the plan: {result.reason}", result.plans[chosen])
     if requested not in result.plans:

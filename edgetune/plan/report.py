@@ -15,6 +15,7 @@ ROW_ORDER = (
     "gradients",
     "activations",
     "logits",
+    "kv cache",
     "step temporaries",
     "zeroth-order buffer",
     "allocator slack",
@@ -34,6 +35,9 @@ class PlanResult:
     reason: str
     levers: list[Lever] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    stack: str = "edgetune"
+    report: str = "device"
+    fix: str | None = None
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -54,8 +58,11 @@ class PlanResult:
                 "source": self.budget.source,
             },
             "strategies": {name: _plan_dict(plan) for name, plan in self.plans.items()},
+            "stack": self.stack,
+            "report": self.report,
             "recommended": self.recommended,
             "reason": self.reason,
+            "fix": self.fix,
             "levers": [
                 {"change": lv.change, "saves_bytes": lv.saves_bytes, "fits_after": lv.fits_after} for lv in self.levers
             ],
@@ -70,6 +77,8 @@ def _plan_dict(plan: StrategyPlan) -> dict[str, object]:
         "components": {c.name: {"bytes": c.bytes, "exact": c.exact, "note": c.note} for c in rows},
         "peak_phase": plan.estimate.peak_phase,
         "total_bytes": plan.total_bytes,
+        "allocated_bytes": plan.allocated_bytes,
+        "reserved_bytes": plan.reserved_bytes,
         "fits": plan.fits,
         "headroom_bytes": plan.headroom_bytes,
         "max_seq_len_at_batch_1": plan.max_seq_len_at_batch_1,
@@ -85,21 +94,28 @@ def format_plan(result: PlanResult) -> str:
     run, budget = result.run, result.budget
     lines = [
         f"model   {result.model}: {result.spec.total_params / 1e6:,.1f}M parameters, {result.spec.num_layers} layers",
-        f"run     batch {run.batch_size} x {run.seq_len} tokens, LoRA rank {run.lora_rank}",
+        f"run     batch {run.batch_size} x {run.seq_len} tokens, LoRA rank {run.lora_rank}; {result.stack} stack",
         f"memory  {_gib(budget.free_bytes)} free of {_gib(budget.total_bytes)} ({budget.source}); "
         f"{_gib(budget.usable_bytes)} usable after a {_gib(budget.margin_bytes)} safety margin",
         "",
         f"{'':<22}" + "".join(f"{head[0]:>{width}}" for head in heads),
         f"{'GiB':<22}" + "".join(f"{head[1]:>{width}}" for head in heads),
     ]
-    for row in ROW_ORDER:
+    hidden = {"device": (), "reserved": ("cuda context", "runtime")}.get(
+        result.report, ("cuda context", "runtime", "allocator slack")
+    )
+    for row in (name for name in ROW_ORDER if name not in hidden):
         cells = [_row_component(result.plans[n], row) for n in names]
         if all(c is None for c in cells):
             continue
         exact = all(c is None or c.exact for c in cells)
         label = f"{row}{' *' if exact else ''}"
         lines.append(f"{label:<22}" + "".join(f"{_cell(c):>{width}}" for c in cells))
-    lines.append(f"{'total':<22}" + "".join(f"{result.plans[n].total_bytes / 1024**3:>{width}.2f}" for n in names))
+    total = {"device": "total", "allocated": "total allocated", "reserved": "total reserved"}[result.report]
+    lines.append(
+        f"{total:<22}"
+        + "".join(f"{result.plans[n].reported_bytes(result.report) / 1024**3:>{width}.2f}" for n in names)
+    )
     lines.append(f"{'fits':<22}" + "".join(f"{_verdict(result.plans[n]):>{width}}" for n in names))
     lines.append(
         f"{'longest seq, batch 1':<22}" + "".join(f"{_longest(result.plans[n], result.spec):>{width}}" for n in names)
@@ -108,8 +124,13 @@ def format_plan(result: PlanResult) -> str:
         f"{f'largest batch, seq {run.seq_len}':<22}"
         + "".join(f"{result.plans[n].max_batch_at_seq_len:>{width}}" for n in names)
     )
-    lines += ["", "* exact (from parameter counts and dtypes); other rows are calibrated against measured peaks", ""]
+    lines += ["", "* exact (from parameter counts and dtypes); other rows are calibrated against measured peaks"]
+    if result.report != "device":
+        lines += [f"the total is the {result.report} peak; whether a run fits is judged on all device memory it needs"]
+    lines += [""]
     lines += [f"recommended: {result.recommended or 'nothing fits'}: {result.reason}"]
+    if result.fix:
+        lines += [f"  {result.fix}"]
     lines += [
         f"  - {lv.change}: saves {_gib(lv.saves_bytes)}{' (then fits)' if lv.fits_after else ''}"
         for lv in result.levers

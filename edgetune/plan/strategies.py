@@ -11,9 +11,14 @@ from typing import Literal
 
 from edgetune.errors import EdgetuneError
 
-Precision = Literal["fp32", "bf16", "nf4"]
+Precision = Literal["fp32", "bf16", "fp16", "nf4"]
+# What edgetune trains in; the planner also sizes fp16 for runs in other tools (``edgetune plan --precision``).
 PRECISIONS: tuple[Precision, ...] = ("fp32", "bf16", "nf4")
-BackpropOptimizer = Literal["adafish", "scaled_adamw", "adamw"]
+PLAN_PRECISIONS: tuple[Precision, ...] = ("fp32", "bf16", "fp16", "nf4")
+# edgetune's own optimizers, torch's AdamW and SGD, bitsandbytes' 8-bit and paged AdamW, transformers' Adafactor.
+BackpropOptimizer = Literal[
+    "adafish", "scaled_adamw", "adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit", "adafactor", "sgd"
+]
 # Every linear of a Llama-style block; "all-linear" in peft terms minus the head.
 DEFAULT_LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # peft's name for "every linear layer except the output head"; accepted as the only entry of a target list.
@@ -84,7 +89,26 @@ class ZerothOrder:
         return 3 if self.hessian else 2
 
 
-Strategy = Backprop | ZerothOrder
+@dataclass(frozen=True, kw_only=True)
+class Inference:
+    """Generation only (``edgetune plan --method inference``): weights, KV cache and one forward's working set.
+
+    Attributes:
+        name: the plan's column name.
+        base: precision the weights are loaded in.
+        summary: one line for the plan's JSON.
+    """
+
+    name: str
+    base: Precision
+    summary: str
+    lora: bool = False
+    optimizer: str = "none"
+    checkpointing: bool = False
+    needs_backward: bool = False
+
+
+Strategy = Backprop | ZerothOrder | Inference
 
 STRATEGIES: dict[str, Strategy] = {
     s.name: s

@@ -110,3 +110,26 @@ def test_plan_is_within_ten_percent_of_a_measured_step(big_vocab_dir, name):
 def test_run_shape_rejects_non_positive_values(field, value):
     with pytest.raises(EdgetuneError, match=f"{field} must be a positive integer"):
         RunShape(**{field: value})
+
+
+@pytest.mark.parametrize(("precision", "dtype"), [("bf16", torch.bfloat16), ("fp32", torch.float32)])
+@pytest.mark.parametrize(("batch", "seq"), [(2, 512), (1, 2048)])
+def test_inference_plan_is_within_three_percent_of_a_measured_prefill(precision, dtype, batch, seq):
+    from transformers import LlamaForCausalLM
+
+    from edgetune.plan.run_options import RunOptions, stack_for, strategy_for
+
+    config = tiny_llama_config(
+        vocab_size=1000, hidden_size=256, intermediate_size=1024, num_attention_heads=8, max_position_embeddings=2048
+    )
+    model = LlamaForCausalLM(config).to(dtype).eval()
+    ids = torch.randint(0, 1000, (batch, seq), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), MemoryProbe("cpu") as probe:
+        model(input_ids=ids, use_cache=True, logits_to_keep=1)  # generation's prefill
+    measured = resident_bytes(model) + probe.report.peak_allocated_bytes
+    options = RunOptions(method="inference", precision=precision)
+    stack = stack_for(options, "cpu")
+    planned = estimate(inspect_config(config.to_dict()), strategy_for(options, stack), RunShape(batch, seq), stack)
+    assert abs(planned.peak_bytes - measured) / measured < 0.03
+    kv = 2 * config.num_hidden_layers * config.num_key_value_heads * 32 * batch * seq * dtype.itemsize
+    assert planned.component("kv cache").bytes == kv
