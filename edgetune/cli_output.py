@@ -60,18 +60,29 @@ def _duration(seconds: float) -> str:
 
 
 def train_summary(result) -> str:
-    mib = 2**20
+    from edgetune.train.run_folder import TOTAL_FIGURES
+
+    ratios = result.memory_ratios()
+    total_name = TOTAL_FIGURES.get(result.measured_total_figure, result.measured_total_figure)
     return "\n".join(
         [
             f"{result.status}: {result.steps_done} steps of {result.strategy} ({result.strategy_reason})",
             f"held-out loss {result.val_loss_before:.4f} before, {result.val_loss_after:.4f} after",
-            f"peak memory: planned {result.planned_peak_bytes / mib:,.0f} MiB, "
-            f"measured {result.measured_peak_bytes / mib:,.0f} MiB (tensors)",
+            _versus("tensors", result.planned_peak_bytes, "tracked", result.measured_peak_bytes, ratios),
+            _versus("total", result.planned_total_bytes, total_name, result.measured_total_bytes, ratios),
             f"outputs: {result.output_dir}"
             + (" (load with PeftModel.from_pretrained)" if "adapter" in str(result.output_dir) else ""),
             f"log, checkpoints and memory report (summary.json, memory.png): {result.run_dir}",
         ]
     )
+
+
+def _versus(what: str, planned_bytes: int, name: str, measured_bytes: int, ratios: dict) -> str:
+    """One line of plan against measurement: ``peak memory, tensors: planned 1,138 MiB, tracked 1,130 MiB (0.99x)``."""
+    ratio = ratios[f"measured_over_planned_{what}"]
+    mib = 2**20
+    shown = f" ({ratio:.2f}x)" if ratio is not None else ""
+    return f"peak memory, {what}: planned {planned_bytes / mib:,.0f} MiB, {name} {measured_bytes / mib:,.0f} MiB{shown}"
 
 
 def export_summary(result) -> str:

@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 
@@ -326,14 +327,19 @@ def test_progress_without_a_terminal_is_whole_lines_and_shows_hours():
     assert lines[-2].startswith("step 40/40") and lines[-1] == "warning: something"
 
 
-def test_edgetunes_own_warnings_say_warning_once_and_data_statistics_come_first(capsys, tiny_trainable_dir, tmp_path):
+def test_train_says_warnings_once_data_statistics_first_and_memory_against_the_plan(
+    capsys, tiny_trainable_dir, tmp_path
+):
     from conftest import tiny_train_overrides, write_tiny_text
 
     text = write_tiny_text(tmp_path / "text.txt")
     argv = tiny_train_overrides(tiny_trainable_dir, text, tmp_path / "run", 1, "lora.targets=[q_proj,w_proj]")
-    code, _, err = run(capsys, "train", *argv, "train.strategy=adamw-lora-gc")
+    code, out, err = run(capsys, "train", *argv, "train.strategy=adamw-lora-gc")
     lines = err.splitlines()
     assert code == 0
+    # The end-of-run report holds both comparisons: tracked against planned tensors, peak RSS against the total.
+    assert re.search(r"peak memory, tensors: planned [\d,]+ MiB, tracked [\d,]+ MiB \(\d+\.\d\dx\)", out)
+    assert re.search(r"peak memory, total: planned [\d,]+ MiB, peak RSS [\d,]+ MiB \(\d+\.\d\dx\)", out)
     assert lines.count("warning: LoRA targets not found in this model and skipped: w_proj") == 1
     assert sum("w_proj" in line for line in lines) == 1
     data = next(i for i, line in enumerate(lines) if line.startswith("data: text from"))

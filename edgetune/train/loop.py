@@ -35,6 +35,7 @@ from edgetune.train.run_folder import (
     prepare_run_dir,
     run_identity,
     save_result_weights,
+    total_figure,
     truncate_step_log,
     write_summary,
 )
@@ -97,15 +98,32 @@ class TrainResult:
     val_loss_before: float
     val_loss_after: float
     output_dir: Path
-    planned_peak_bytes: int
-    measured_peak_bytes: int
+    planned_peak_bytes: int  # tensors: the plan's estimate at the step's peak
+    measured_peak_bytes: int  # tensors tracked: resident + the step's peak, the largest step
+    # What the operating system or the device sees: the plan's tensors + runtime (CPU) or CUDA context + allocator
+    # slack, against the largest step's reading of ``measured_total_figure``, a ``StepInfo.memory`` key.
+    planned_total_bytes: int
+    measured_total_bytes: int
+    measured_total_figure: str
     planned_components: dict[str, int] = field(default_factory=dict)
     skipped_steps: int = 0
     adaptations: list[dict] = field(default_factory=list)
     history: list[StepInfo] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, object]:
-        return asdict(self) | {"run_dir": str(self.run_dir), "output_dir": str(self.output_dir)}
+        paths = {"run_dir": str(self.run_dir), "output_dir": str(self.output_dir)}
+        return asdict(self) | paths | self.memory_ratios()
+
+    def memory_ratios(self) -> dict[str, float | None]:
+        """Measured over planned, for tensors and for the total; None before a step ran."""
+        return {
+            "measured_over_planned_tensors": _ratio(self.measured_peak_bytes, self.planned_peak_bytes),
+            "measured_over_planned_total": _ratio(self.measured_total_bytes, self.planned_total_bytes),
+        }
+
+
+def _ratio(measured_bytes: int, planned_bytes: int) -> float | None:
+    return round(measured_bytes / planned_bytes, 3) if measured_bytes and planned_bytes else None
 
 
 def train(
@@ -130,7 +148,7 @@ def _train(config: TrainConfig, resume: bool, on_step, notify: Callable[[str], N
     device = _device(config.train.device)
     # Everything that can refuse the run is checked before the first message, so bad input gets one line.
     source = resolve_model(config.model.name, revision=config.model.revision, on_event=notify)
-    decision = _decide(config, source, device)
+    decision, budget = _decide(config, source, device)
     tokenizer = load_tokenizer(source)
     data = load_dataset(config.data, tokenizer)
     total = config.train.total_steps(len(data.train))
@@ -228,6 +246,7 @@ def _train(config: TrainConfig, resume: bool, on_step, notify: Callable[[str], N
     val_after = evaluate()
     output_dir = save_result_weights(run_dir, session.model, session.strategy, tokenizer, source)
     sized = decision.sized
+    figure = total_figure(device.type, budget.kind, history[0].memory if history else {})
     result = TrainResult(
         run_dir=run_dir,
         strategy=session.strategy.name,
@@ -239,6 +258,9 @@ def _train(config: TrainConfig, resume: bool, on_step, notify: Callable[[str], N
         output_dir=output_dir,
         planned_peak_bytes=sized.estimate.peak_bytes,
         measured_peak_bytes=measured_peak,
+        planned_total_bytes=sized.total_bytes,
+        measured_total_bytes=max((info.memory.get(figure, 0) for info in history), default=0),
+        measured_total_figure=figure,
         planned_components={c.name: c.bytes for c in sized.overhead + sized.estimate.components},
         skipped_steps=skipped,
         adaptations=session.adaptations,
@@ -249,8 +271,8 @@ def _train(config: TrainConfig, resume: bool, on_step, notify: Callable[[str], N
     return result
 
 
-def _decide(config: TrainConfig, source, device: torch.device) -> Decision:
-    """The plan of this run, asked with the objects the run already has; the strategy it uses."""
+def _decide(config: TrainConfig, source, device: torch.device) -> tuple[Decision, Budget]:
+    """The plan of this run, asked with the objects the run already has: the strategy it uses, and the budget."""
     kind = "cpu" if device.type == "cpu" else "cuda"
     budget: Budget
     if config.train.budget_bytes is not None:
@@ -258,7 +280,7 @@ def _decide(config: TrainConfig, source, device: torch.device) -> Decision:
     else:
         budget = budget_of_device(read_devices()[0])
     result = plan_run(source.name, inspect_model(source), config.run_shape(), budget)
-    return decide(result, config.train.strategy, force=config.train.force)
+    return decide(result, config.train.strategy, force=config.train.force), budget
 
 
 def _log_adaptation(run_dir: Path, session: Session, step: int, notify: Callable[[str], None]) -> None:

@@ -8,6 +8,7 @@ it writes, below a valid marker of its own, so nothing of anyone else's is overw
 
 import hashlib
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -218,8 +219,28 @@ def record_base(folder: Path, source) -> None:
     adapter_config.write_text(json.dumps(recorded, indent=2, sort_keys=True) + "\n")
 
 
+# What each ``measured_total_figure`` is, in the words of the CLI line and the picture's legend.
+TOTAL_FIGURES = {"peak_rss_bytes": "peak RSS", "nvml_used_bytes": "NVML used", "reserved_bytes": "CUDA reserved"}
+
+
+def total_figure(device_type: str, budget_kind: str, memory: dict[str, int]) -> str:
+    """The step-log figure (a key of a step's ``memory``) that sees the memory the plan's total was sized against.
+
+    On the CPU and on unified boards the plan budgets host RAM, which the process's peak RSS occupies; on a discrete
+    GPU it budgets device memory, which NVML's used figure (context included) shows, else the allocator's reserve.
+    """
+    if device_type == "cpu" or budget_kind == "unified":
+        return "peak_rss_bytes"
+    return "nvml_used_bytes" if "nvml_used_bytes" in memory else "reserved_bytes"
+
+
 def write_summary(run_dir: Path, result) -> None:
-    """``summary.json`` (plan versus measured, losses, status) and the memory timeline ``memory.png``."""
+    """``summary.json`` (plan versus measured, losses, status) and the memory timeline ``memory.png``.
+
+    Memory comes twice: tensors (``planned_peak_bytes``, the plan's estimate, against ``measured_peak_bytes``, the
+    tracked tensors) and the total the operating system or device sees (``planned_total_bytes`` against
+    ``measured_total_bytes``, the ``measured_total_figure`` of steps.jsonl), each with its ratio.
+    """
     summary = {
         "strategy": result.strategy,
         "why": result.strategy_reason,
@@ -231,15 +252,28 @@ def write_summary(run_dir: Path, result) -> None:
         "output_dir": str(result.output_dir),
         "planned_peak_bytes": result.planned_peak_bytes,
         "measured_peak_bytes": result.measured_peak_bytes,
+        "planned_total_bytes": result.planned_total_bytes,
+        "measured_total_bytes": result.measured_total_bytes,
+        "measured_total_figure": result.measured_total_figure,
+        **result.memory_ratios(),
         "planned_components": result.planned_components,
         "adaptations": result.adaptations,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    plot_memory_timeline(run_dir / "steps.jsonl", run_dir / "memory.png", result.planned_peak_bytes)
+    plot_memory_timeline(
+        run_dir / "steps.jsonl",
+        run_dir / "memory.png",
+        result.planned_peak_bytes,
+        result.planned_total_bytes,
+        result.measured_total_figure,
+    )
 
 
-def plot_memory_timeline(log_path: Path, image_path: Path, planned_peak_bytes: int) -> None:
-    """Resident + step peak, and RSS or reserved memory, per step, against the planned peak.
+def plot_memory_timeline(
+    log_path: Path, image_path: Path, planned_peak_bytes: int, planned_total_bytes: int, total_figure: str
+) -> None:
+    """Two panels per step: tracked tensors against the planned tensors, and ``total_figure`` (peak RSS, NVML used
+    or CUDA reserved) against the planned total.
 
     Drawn on a ``matplotlib.figure.Figure`` of its own and saved through the Agg canvas, never through pyplot: an
     application that embeds edgetune keeps its plotting backend and its open figures.
@@ -251,21 +285,39 @@ def plot_memory_timeline(log_path: Path, image_path: Path, planned_peak_bytes: i
     if not rows:
         return
     steps = [row["step"] for row in rows]
-    mib = 2**20
-    tracked = [(row["memory"]["resident_bytes"] + row["memory"]["step_peak_bytes"]) / mib for row in rows]
-    figure = Figure(figsize=(8, 4), dpi=100)
+    tracked = [row["memory"]["resident_bytes"] + row["memory"]["step_peak_bytes"] for row in rows]
+    # A row logged by an older edgetune may lack the figure; it leaves a gap rather than a false zero.
+    total = [row["memory"].get(total_figure, float("nan")) for row in rows]
+    figure = Figure(figsize=(8, 6), dpi=100)
     FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    axes.plot(steps, tracked, label="tensors at the step's peak (resident + step)")
-    other = "reserved_bytes" if "reserved_bytes" in rows[0]["memory"] else "peak_rss_bytes"
-    axes.plot(steps, [row["memory"][other] / mib for row in rows], label=other.replace("_bytes", "").replace("_", " "))
-    axes.axhline(planned_peak_bytes / mib, linestyle="--", color="grey", label="planned peak")
-    axes.set_xlabel("step")
-    axes.set_ylabel("MiB")
-    axes.set_title("edgetune memory timeline")
-    axes.legend(loc="lower right")
+    tensors_axes, total_axes = figure.subplots(2, 1, sharex=True)
+    name = TOTAL_FIGURES.get(total_figure, total_figure)
+    _plot_against_plan(
+        tensors_axes, steps, tracked, "tracked tensors (resident + step peak)", planned_peak_bytes, "planned tensors"
+    )
+    total_label = "planned total (tensors + runtime or CUDA context + slack)"
+    _plot_against_plan(total_axes, steps, total, name, planned_total_bytes, total_label)
+    tensors_axes.set_title("tensors: tracked against the plan's estimate")
+    total_axes.set_title(f"what the OS or device sees: {name} against the plan's total")
+    total_axes.set_xlabel("step")
     figure.tight_layout()
     figure.savefig(image_path)
+
+
+def _plot_against_plan(axes, steps, measured_bytes: list, label: str, planned_bytes: int, planned_label: str) -> None:
+    """One panel: a measured figure per step, labelled with its peak over the plan, and the planned figure's line."""
+    mib = 2**20
+    peak = max((value for value in measured_bytes if not math.isnan(value)), default=0)
+    ratio = f", peak {peak / planned_bytes:.2f}x planned" if planned_bytes else ""
+    axes.plot(steps, [value / mib for value in measured_bytes], marker=".", label=f"{label}{ratio}")
+    axes.axhline(
+        planned_bytes / mib, linestyle="--", color="grey", label=f"{planned_label}: {planned_bytes / mib:,.0f} MiB"
+    )
+    # From 0, so the gap between the lines reads as a share of the whole, and the legend's corner stays clear.
+    axes.set_ylim(0, 1.1 * max(peak, planned_bytes, 1) / mib)
+    axes.set_ylabel("MiB")
+    axes.xaxis.get_major_locator().set_params(integer=True)  # steps are whole
+    axes.legend(loc="lower right")
 
 
 def read_step_log(path: Path) -> list[dict]:

@@ -3,7 +3,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from edgetune.train.run_folder import plot_memory_timeline
+import pytest
+
+from edgetune.train.run_folder import plot_memory_timeline, total_figure
 
 PACKAGE = Path(__file__).resolve().parents[2] / "edgetune"
 
@@ -32,7 +34,8 @@ def test_the_memory_picture_leaves_an_embedding_apps_backend_and_figures_alone(t
         "figure = pyplot.figure()\n"
         "from edgetune.train.run_folder import plot_memory_timeline\n"
         "from pathlib import Path\n"
-        f"plot_memory_timeline(Path({str(log)!r}), Path({str(tmp_path / 'm.png')!r}), 3 * 2**20)\n"
+        f"plot_memory_timeline(Path({str(log)!r}), Path({str(tmp_path / 'm.png')!r}), 3 * 2**20, 2**28, "
+        "'peak_rss_bytes')\n"
         "print(matplotlib.get_backend(), pyplot.get_fignums())\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
@@ -40,11 +43,26 @@ def test_the_memory_picture_leaves_an_embedding_apps_backend_and_figures_alone(t
     assert (tmp_path / "m.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_the_memory_picture_is_a_png(tmp_path):
+def test_the_memory_picture_is_a_png_even_when_a_row_lacks_the_total_figure(tmp_path):
     log = tmp_path / "steps.jsonl"
-    log.write_text(json.dumps({"step": 1, "memory": {"resident_bytes": 1, "step_peak_bytes": 2, "reserved_bytes": 3}}))
-    plot_memory_timeline(log, tmp_path / "m.png", 10)
+    memory = {"resident_bytes": 1, "step_peak_bytes": 2, "reserved_bytes": 3}
+    rows = [{"step": 1, "memory": memory}, {"step": 2, "memory": memory | {"nvml_used_bytes": 4}}]
+    log.write_text("".join(json.dumps(row) + "\n" for row in rows))  # step 1: logged before NVML was read
+    plot_memory_timeline(log, tmp_path / "m.png", 10, 20, "nvml_used_bytes")
     assert (tmp_path / "m.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize(
+    "device, kind, memory, expected",
+    [
+        ("cpu", "cpu", {"rss_bytes": 1}, "peak_rss_bytes"),
+        ("cuda", "unified", {"reserved_bytes": 1}, "peak_rss_bytes"),  # Jetson: the plan budgets host RAM
+        ("cuda", "cuda", {"reserved_bytes": 1, "nvml_used_bytes": 1}, "nvml_used_bytes"),
+        ("cuda", "cuda", {"reserved_bytes": 1}, "reserved_bytes"),  # NVML could not say
+    ],
+)
+def test_the_plans_total_is_held_against_what_its_budget_counts(device, kind, memory, expected):
+    assert total_figure(device, kind, memory) == expected
 
 
 def test_an_adapter_of_a_local_folder_names_the_folders_absolute_path(tmp_path, tiny_trainable_dir, one_thread):

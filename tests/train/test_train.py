@@ -80,6 +80,7 @@ def test_result_fields(run, tiny_trainable_dir):
     assert all(info.val_loss is None for info in run.history[:-1])  # eval_every (20) > steps
     _, sized = plan_for(tiny_trainable_dir, run.strategy)
     assert run.planned_peak_bytes == sized.estimate.peak_bytes
+    assert run.planned_total_bytes == sized.total_bytes > run.planned_peak_bytes  # + the 600 MiB runtime and slack
     assert run.planned_components == {c.name: c.bytes for c in sized.overhead + sized.estimate.components}
 
 
@@ -120,10 +121,16 @@ def test_summary_has_plan_versus_measured_and_a_memory_png(run):
     assert summary["planned_peak_bytes"] == run.planned_peak_bytes > 0
     assert summary["measured_peak_bytes"] == run.measured_peak_bytes > 0
     assert summary["planned_components"] == run.planned_components
+    # The total the OS sees: the plan's total against the largest step's peak RSS, each with its ratio.
+    rss = max(info.memory["peak_rss_bytes"] for info in run.history)
+    assert summary["measured_total_figure"] == "peak_rss_bytes" and summary["measured_total_bytes"] == rss
+    assert summary["planned_total_bytes"] == run.planned_total_bytes == sum(run.planned_components.values())
+    assert summary["measured_over_planned_total"] == round(rss / run.planned_total_bytes, 3) > 0
+    assert summary["measured_over_planned_tensors"] == round(run.measured_peak_bytes / run.planned_peak_bytes, 3)
     assert summary["val_loss_after"] == run.val_loss_after and summary["output_dir"] == str(run.output_dir)
     png = (run.run_dir / "memory.png").read_bytes()
     assert png[:8] == PNG_MAGIC and png[12:16] == b"IHDR"
-    assert (int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")) == (800, 400)
+    assert (int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")) == (800, 600)  # two panels
 
 
 def _val_examples(model_dir, text):
