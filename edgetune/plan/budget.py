@@ -222,12 +222,12 @@ def levers(
         result.append(Lever(change, base - after, after <= budget.usable_bytes))
     weights = next(c.bytes for c in _estimate(spec, strategy, run, budget, stack).components if c.name == "weights")
     shortfall = base - budget.usable_bytes
-    if shortfall > 0:
+    if 0 < shortfall < weights:  # a model whose weights alone exceed the shortfall's room is no lever
         result.append(
             Lever(
                 f"a smaller model (weights at most {_gib(weights - shortfall)} instead of {_gib(weights)})",
                 shortfall,
-                shortfall < weights,
+                True,
             )
         )
     return sorted(result, key=lambda lever: -lever.saves_bytes)

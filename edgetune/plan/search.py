@@ -109,7 +109,7 @@ def _base_options(strategy: Strategy):
 def _shapes(run: RunShape, strategy: Strategy):
     batches = _halvings(run.batch_size, 1)
     seqs = _halvings(run.seq_len, min(MIN_SEQ_LEN, run.seq_len))
-    ranks = _halvings(run.lora_rank, min(MIN_RANK, run.lora_rank)) if strategy.lora else [run.lora_rank]
+    ranks = _halvings(run.lora_rank, min(MIN_RANK, run.lora_rank)) if strategy.lora else [(run.lora_rank, 0)]
     for (b, nb), (s, ns), (r, nr) in itertools.product(batches, seqs, ranks):
         changes = []
         if b != run.batch_size:

@@ -50,3 +50,13 @@ def test_halving_the_batch_comes_before_shortening_sequences(spec):
 def test_nothing_is_found_when_even_the_weights_do_not_fit(spec):
     stack = stack_for(RunOptions(), "cuda")
     assert cheapest_fix(spec, RunShape(), budget(MIB), [STRATEGIES[n] for n in LADDER], stack, described=False) is None
+
+
+def test_a_context_too_long_to_generate_is_shortened(spec):
+    options = RunOptions(method="inference", precision="bf16")
+    stack = stack_for(options, "cuda")
+    strategy = strategy_for(options, stack)
+    run = RunShape(1, 65536, 16)
+    fits = total_bytes(spec, strategy, RunShape(1, 8192, 16), budget(10**12), stack)
+    fix = cheapest_fix(spec, run, budget(fits + MIB), [strategy], stack, described=True)
+    assert fix.run.seq_len == 8192 and fix.changes == ("sequences of 8192 tokens",)
