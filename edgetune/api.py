@@ -6,9 +6,10 @@ so an application has one import to learn.
 
 import contextlib
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from edgetune.errors import EdgetuneError
 from edgetune.plan.budget import BudgetKind, budget_of_device, budget_of_profile, budget_of_size, parse_bytes
 from edgetune.plan.decide import plan_run
 from edgetune.plan.device import DeviceInfo, read_devices
@@ -227,3 +228,54 @@ def export(
             external_data=external_data,
             on_event=on_event,
         )
+
+
+def open_chat(
+    target: str | None = None,
+    *,
+    model: str | None = None,
+    device: str | None = None,
+    on_event: Callable[[str], None] | None = None,
+):
+    """Load something to talk to: a finished run (base + adapters, no merge), a merged export, or ``model`` bare.
+
+    Returns an ``edgetune.chat.models.ChatModel``; pass it to ``generate`` as often as you like.
+
+    Raises:
+        EdgetuneError: neither or both of ``target`` and ``model``, or a folder that is neither a run nor a model.
+    """
+    from edgetune.chat.models import open_chat_model
+
+    with _no_library_progress_bars():
+        return open_chat_model(target, model=model, device=device, on_event=on_event)
+
+
+def generate(
+    chat,
+    prompt: str | list[dict[str, str]],
+    *,
+    max_new_tokens: int = 256,
+    temperature: float = 0.7,
+    top_p: float = 0.9,
+    seed: int | None = None,
+    system: str | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> Iterator[str]:
+    """Answer ``prompt`` (a string, or a conversation as role/content messages), yielding text as it is generated.
+
+    ``chat`` is what ``open_chat`` returned, or a run folder / model folder (loaded for this one answer). Iterate
+    to stream; ``"".join(...)`` for the whole answer. ``cancel`` is polled between tokens; when it returns True
+    the answer ends there. ``temperature=0`` answers greedily; ``seed`` makes sampled answers repeatable.
+
+    Raises:
+        EdgetuneError: a bad setting or an empty prompt.
+    """
+    from edgetune.chat.generation import GenerationSettings, stream_reply
+
+    settings = GenerationSettings(max_new_tokens, temperature, top_p, seed, system)
+    if isinstance(chat, str | Path):
+        chat = open_chat(str(chat))
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if not messages or not str(messages[-1].get("content", "")).strip():
+        raise EdgetuneError("the prompt is empty", "pass some text to answer")
+    return stream_reply(chat, messages, settings, cancel)

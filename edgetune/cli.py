@@ -74,6 +74,9 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_plan(commands, common)
     _add_probe(commands, common)
     _add_export(commands, common)
+    from edgetune.cli_chat import add_chat_commands
+
+    add_chat_commands(commands, common)
     return parser
 
 
