@@ -1,8 +1,9 @@
-"""The floor plan holds: faces over three wings over the optimizers, no import cycles, a plan wing without torch.
+"""The floor plan holds: faces over four wings over the optimizers, no import cycles, a plan wing without torch.
 
 The rules (README, "How the code is laid out"): ``api``/``cli`` may import anything; ``chat`` may import ``export``,
-``train`` and ``plan``; ``export`` may import ``train`` and ``plan``; ``train`` may import ``plan``; ``plan`` imports neither; ``optim`` imports only ``errors``. Every
-import counts, also those inside functions, since a late import is still a dependency.
+``train`` and ``plan``; ``export`` may import ``train`` and ``plan``; ``train`` may import ``plan``; ``plan`` imports
+neither; ``optim`` imports only ``errors``. Every import counts, also those inside functions, since a late import is
+still a dependency.
 """
 
 import ast
