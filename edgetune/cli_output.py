@@ -73,8 +73,27 @@ def train_summary(result) -> str:
             f"outputs: {result.output_dir}"
             + (" (load with PeftModel.from_pretrained)" if "adapter" in str(result.output_dir) else ""),
             f"log, checkpoints and memory report (summary.json, memory.png): {result.run_dir}",
+            *_samples(result.samples_before, result.samples_after),
         ]
     )
+
+
+def _samples(before, after) -> list[str]:
+    """eval.prompts answered before and after training, one line each (newlines shown as spaces)."""
+    if not after:
+        return []
+    lines = ["answers to eval.prompts (greedy):"]
+    earlier = {s["prompt"]: s["answer"] for s in before or []}
+    for sample in after:
+        lines.append(f"  prompt: {_one_line(sample['prompt'])}")
+        if sample["prompt"] in earlier:
+            lines.append(f"    before: {_one_line(earlier[sample['prompt']])}")
+        lines.append(f"    after:  {_one_line(sample['answer'])}")
+    return lines
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 def _versus(what: str, planned_bytes: int, name: str, measured_bytes: int, ratios: dict) -> str:

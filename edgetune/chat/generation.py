@@ -43,16 +43,13 @@ class GenerationSettings:
 
 
 def prompt_ids(chat: ChatModel, messages: list[dict[str, str]], settings: GenerationSettings) -> torch.Tensor:
-    """Token ids of the conversation so far, ending where the assistant's answer starts.
+    """Token ids of the conversation so far (with the system message, if any), ready for the answer."""
+    from edgetune.train.chat_templates import generation_prompt
 
-    A model without a chat template (a base model) continues the last message's text as it is.
-    """
-    if chat.has_chat_template:
-        turns = ([{"role": "system", "content": settings.system}] if settings.system else []) + messages
-        ids = chat.tokenizer.apply_chat_template(turns, add_generation_prompt=True, return_dict=False)
-        ids = ids["input_ids"] if isinstance(ids, dict) else ids
-        return torch.tensor([list(ids)])
-    return chat.tokenizer(messages[-1]["content"], return_tensors="pt")["input_ids"]
+    turns = ([{"role": "system", "content": settings.system}] if settings.system else []) + messages
+    if not chat.has_chat_template:
+        turns = messages  # a base model has no system turn to put it in
+    return torch.tensor([generation_prompt(chat.tokenizer, turns)])
 
 
 def stream_reply(

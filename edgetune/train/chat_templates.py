@@ -134,3 +134,14 @@ def require_template(tokenizer: "PreTrainedTokenizerBase", fmt: str) -> None:
         f"{fmt} data is rendered with a chat template and this model's tokenizer has none (a base model)",
         f"set data.chat_template to one of {', '.join(BUILTIN_TEMPLATES)} or a Jinja file",
     )
+
+
+def generation_prompt(tokenizer: "PreTrainedTokenizerBase", messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of a conversation ending where the assistant's answer starts (``edgetune chat``, eval.prompts).
+
+    A tokenizer without a chat template (a base model) continues the last message's text as it is.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return list(tokenizer(messages[-1]["content"])["input_ids"])
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+    return list(ids["input_ids"] if isinstance(ids, dict) else ids)

@@ -206,6 +206,22 @@ _RANGES = {
 
 
 @dataclass(frozen=True)
+class EvalSection:
+    """What each evaluation shows besides the held-out loss."""
+
+    prompts: tuple[str, ...] = _field(
+        (), "prompts answered greedily at each evaluation, logged in steps.jsonl and shown after the run"
+    )
+    max_new_tokens: int = _field(48, "the longest answer to each of eval.prompts, in tokens")
+
+    def __post_init__(self) -> None:
+        check_types(self, "eval")
+        check_minimums(self, "eval", max_new_tokens=1)
+        if any(not str(prompt).strip() for prompt in self.prompts):
+            raise EdgetuneError("eval.prompts holds an empty prompt", "give each prompt some text, or remove it")
+
+
+@dataclass(frozen=True)
 class OutputSection:
     """Where the adapter, checkpoints and logs go."""
 
@@ -226,6 +242,7 @@ SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "lora": LoraSection,
     "train": TrainSection,
+    "eval": EvalSection,
     "output": OutputSection,
 }
 
@@ -238,6 +255,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=lambda: DataConfig(seq_len=DEFAULT_SEQ_LEN))
     lora: LoraSection = field(default_factory=LoraSection)
     train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
     output: OutputSection = field(default_factory=OutputSection)
 
     def __post_init__(self) -> None:

@@ -64,6 +64,8 @@ RESUMABLE_KEYS = (
     "train.eval_batches",
     "train.max_nonfinite",
     "train.force",
+    "eval.prompts",
+    "eval.max_new_tokens",
     "output.checkpoint_every",
     "output.keep_checkpoints",
 )

@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -26,7 +26,7 @@ from edgetune.plan.sources import resolve_model
 from edgetune.train.batching import pad_token_id
 from edgetune.train.config import TrainConfig
 from edgetune.train.data import load_dataset
-from edgetune.train.evaluation import held_out_loss
+from edgetune.train.evaluation import answer_prompts, held_out_loss
 from edgetune.train.loading import load_tokenizer
 from edgetune.train.memory import MemoryProbe, current_memory, resident_bytes
 from edgetune.train.notices import forward_warnings
@@ -84,6 +84,7 @@ class StepInfo:
     skipped: bool = False
     val_loss: float | None = None
     grad_norm: float | None = None
+    samples: list[dict[str, str]] | None = None  # greedy answers to eval.prompts at this evaluation
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,9 @@ class TrainResult:
     skipped_steps: int = 0
     adaptations: list[dict] = field(default_factory=list)
     history: list[StepInfo] = field(default_factory=list)
+    # Greedy answers to eval.prompts before the first step (of this invocation) and by the final model.
+    samples_before: list[dict[str, str]] | None = None
+    samples_after: list[dict[str, str]] | None = None
 
     def to_dict(self) -> dict[str, object]:
         paths = {"run_dir": str(self.run_dir), "output_dir": str(self.output_dir)}
@@ -194,8 +198,14 @@ def _train(config: TrainConfig, resume: bool, on_step, notify: Callable[[str], N
     def evaluate() -> float:
         return held_out_loss(session.model, data.val, config.train.batch_size, pad, device, config.train.eval_batches)
 
+    def answers() -> list[dict[str, str]] | None:
+        if not config.eval.prompts:
+            return None
+        return answer_prompts(session.model, tokenizer, config.eval.prompts, config.eval.max_new_tokens, device)
+
     val_before = evaluate() if val_before is None else val_before
     notify(f"held-out loss before: {val_before:.4f}")
+    samples_before = answers()
     history: list[StepInfo] = []
     measured_peak, status, nonfinite_run = 0, "finished", 0
     started, step = time.perf_counter(), start
@@ -229,6 +239,7 @@ def _train(config: TrainConfig, resume: bool, on_step, notify: Callable[[str], N
         )
         val = evaluate() if step % config.train.eval_every == 0 or step == total else None
         info = _step_info(step, total, outcome, lr, step_started, started, start, probe, resident, val)
+        info = replace(info, samples=answers()) if val is not None and config.eval.prompts else info
         history.append(info)
         with (run_dir / "steps.jsonl").open("a") as log:
             log.write(json.dumps(asdict(info)) + "\n")
@@ -244,6 +255,7 @@ def _train(config: TrainConfig, resume: bool, on_step, notify: Callable[[str], N
     if step % config.output.checkpoint_every != 0 or status != "finished":
         _checkpoint(run_dir, step, session, stream, skipped, identity, config, val_before)
     val_after = evaluate()
+    samples_after = history[-1].samples if history and history[-1].samples is not None else answers()
     output_dir = save_result_weights(run_dir, session.model, session.strategy, tokenizer, source)
     sized = decision.sized
     figure = total_figure(device.type, budget.kind, history[0].memory if history else {})
@@ -258,6 +270,8 @@ def _train(config: TrainConfig, resume: bool, on_step, notify: Callable[[str], N
         output_dir=output_dir,
         planned_peak_bytes=sized.estimate.peak_bytes,
         measured_peak_bytes=measured_peak,
+        samples_before=samples_before,
+        samples_after=samples_after,
         planned_total_bytes=sized.total_bytes,
         measured_total_bytes=max((info.memory.get(figure, 0) for info in history), default=0),
         measured_total_figure=figure,

@@ -258,6 +258,8 @@ def write_summary(run_dir: Path, result) -> None:
         **result.memory_ratios(),
         "planned_components": result.planned_components,
         "adaptations": result.adaptations,
+        "samples_before": result.samples_before,
+        "samples_after": result.samples_after,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot_memory_timeline(

@@ -465,3 +465,18 @@ def test_print_config_prints_yaml_that_loads_back_equal(tiny_trainable_dir, tmp_
     loaded = load_config(tmp_path / "run.yaml")
     assert loaded == api.train_config(None, overrides) and loaded.train.steps == 7
     assert loaded.lora.targets == ("q_proj", "v_proj") and loaded.train.lr == 3e-4 and err == ""
+
+
+def test_eval_prompts_are_answered_at_each_evaluation_and_shown_after(tiny_trainable_dir, text, tmp_path):
+    from edgetune.cli_output import train_summary
+
+    prompts = 'eval.prompts=["hello world", "the quick brown"]'
+    extra = ("train.eval_every=3", prompts, "eval.max_new_tokens=5", "train.steps=3")
+    result = api.train(config(tiny_trainable_dir, text, tmp_path / "run", *extra))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "steps.jsonl").read_text().splitlines()]
+    assert [row["samples"] is not None for row in rows] == [False, False, True]
+    assert [s["prompt"] for s in rows[-1]["samples"]] == ["hello world", "the quick brown"]
+    assert result.samples_after == rows[-1]["samples"] and len(result.samples_before) == 2
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["samples_after"] == result.samples_after
+    summary = train_summary(result)
+    assert "answers to eval.prompts (greedy):" in summary and summary.count("    before: ") == 2
