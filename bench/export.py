@@ -6,6 +6,12 @@ Each run folder is exported to a scratch folder (bf16 merged + ONNX, one merge),
 folders; the figures (sizes, times, every logit check) go to bench/results/export.json and export.md. Make the
 runs with `edgetune train` first, e.g. the main job (`edgetune train`, an AdaFish run over a bf16 base) and a
 QLoRA run (`edgetune train train.strategy=scaled-adamw-qlora-gc train.steps=20 output.dir=runs/qlora`).
+
+Not here yet: GGUF against llama.cpp itself. `edgetune export RUN --gguf` checks the file as transformers reads it
+back; the next step is a row per --gguf-type that runs llama.cpp on the same file (llama-cpp-python's
+`Llama(model_path, logits_all=True).eval(ids)` on the tokenizer's ids of logit_checks.SAMPLE_TEXTS, or
+`llama-perplexity -m OUT.gguf` on a held-out text) and compares those logits, top-1 tokens and perplexity with the
+float32 merge, plus tokens/s of `llama-bench -m OUT.gguf`. It needs a llama.cpp build on the benchmark machine.
 """
 
 import argparse

@@ -203,12 +203,14 @@ def export(
     *,
     merged_dir: str | Path | None = None,
     onnx_path: str | Path | None = None,
+    gguf_path: str | Path | None = None,
+    gguf_type: str = "q8_0",
     dtype: str = "bf16",
     overwrite: bool = False,
     external_data: bool | None = None,
     on_event: Callable[[str], None] | None = None,
 ):
-    """Export a finished run as a merged Hugging Face folder and/or a verified ONNX file.
+    """Export a finished run as a merged Hugging Face folder, a verified ONNX file and/or a verified GGUF.
 
     See ``edgetune.export.exporter.export`` for the arguments; returns an ``ExportResult`` with every check's figures.
 
@@ -223,6 +225,8 @@ def export(
             run_dir,
             merged_dir=merged_dir,
             onnx_path=onnx_path,
+            gguf_path=gguf_path,
+            gguf_type=gguf_type,
             dtype=dtype,
             overwrite=overwrite,
             external_data=external_data,

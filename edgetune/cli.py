@@ -371,14 +371,24 @@ def _add_export(commands: argparse._SubParsersAction, common: argparse.ArgumentP
     sub = commands.add_parser(
         "export",
         parents=[common],
-        help="merge a run's adapters into a 16-bit model folder and/or export an ONNX file checked by onnxruntime",
+        help="merge a run's adapters into a 16-bit model folder, an ONNX file and/or a GGUF, each checked",
         description="Merge the adapters of an `edgetune train` run into a dequantized copy of the base they were "
-        "trained on and save a Hugging Face folder (--merged), and/or export that model to ONNX and check it "
-        "against torch with onnxruntime (--onnx). Each output is checked numerically before it is written.",
+        "trained on and save a Hugging Face folder (--merged), export that model to ONNX and check it against "
+        "torch with onnxruntime (--onnx), and/or write a GGUF for llama.cpp with an Ollama Modelfile, read back "
+        "and checked (--gguf). Each output is checked numerically before it is written.",
     )
     sub.add_argument("run_dir", metavar="RUN_DIR", help="the output folder of `edgetune train`")
     sub.add_argument("--merged", metavar="OUT_DIR", help="write the merged model here (safetensors, config, tokenizer)")
     sub.add_argument("--onnx", metavar="OUT.onnx", help="write an ONNX graph (input ids, attention mask -> logits)")
+    sub.add_argument(
+        "--gguf", metavar="OUT.gguf", help="write a GGUF for llama.cpp and a Modelfile for Ollama beside it"
+    )
+    sub.add_argument(
+        "--gguf-type",
+        choices=["f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"],
+        default="q8_0",
+        help="GGUF weights (default q8_0)",
+    )
     sub.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="merged weights (default bf16)")
     sub.add_argument("--external-data", action="store_true", help="ONNX weights in OUT.onnx.data (automatic >1.5 GiB)")
     sub.add_argument("--overwrite", action="store_true", help="replace existing outputs once the new ones pass")
@@ -393,6 +403,8 @@ def _run_export(args: argparse.Namespace) -> int:
         args.run_dir,
         merged_dir=args.merged,
         onnx_path=args.onnx,
+        gguf_path=args.gguf,
+        gguf_type=args.gguf_type,
         dtype=args.dtype,
         overwrite=args.overwrite,
         external_data=True if args.external_data else None,

@@ -125,4 +125,18 @@ def export_summary(result) -> str:
             f"  greedy {len(onnx.greedy_torch)} tokens identical in torch and onnxruntime "
             f"({onnx.onnx_seconds_per_token * 1000:.0f} ms/token in onnxruntime, no KV cache)"
         )
+    if result.gguf is not None:
+        gguf = result.gguf
+        types = ", ".join(f"{count} {kind}" for kind, count in gguf.tensor_types.items())
+        lines.append(
+            f"GGUF {gguf.gguf_type}: {gguf.path} ({gguf.size_bytes / 2**20:,.0f} MiB, tensors {types}, "
+            f"{gguf.seconds:.0f} s)"
+        )
+        lines += [f"  {check.describe()}" for check in gguf.checks]
+        same = "encodes" if gguf.tokenizer_identical else "does NOT encode"
+        lines.append(f"  the tokenizer transformers reads from the GGUF {same} the sample prompts like the run's")
+        lines.append(
+            f"  Ollama: cd {gguf.modelfile.parent} && ollama create NAME -f {gguf.modelfile.name} && ollama run NAME"
+        )
+        lines.append(f"  llama.cpp: llama-cli -m {gguf.path} -cnv")
     return "\n".join(lines)

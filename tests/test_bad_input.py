@@ -350,6 +350,38 @@ CASES = [
     Case("export-wrong-suffix", lambda c: ["export", str(c.run), "--onnx", str(c.tmp / "m.txt")], ".onnx"),
     Case("export-unknown-dtype", lambda c: ["export", str(c.run), "--dtype", "fp8"], "invalid choice: 'fp8'"),
     Case("export-into-the-cache", lambda c: ["export", str(c.run), "--merged", str(cache_dir() / "x")], "model cache"),
+    Case(
+        "export-gguf-exists",
+        lambda c: ["export", str(c.run), "--gguf", text_file(c, "m.gguf", "an earlier file")],
+        "already exists",
+    ),
+    Case(
+        "export-gguf-overwrite-foreign-file",
+        lambda c: ["export", str(c.run), "--gguf", text_file(c, "theirs.gguf", "GGUF, not ours"), "--overwrite"],
+        "is not a GGUF edgetune exported",
+    ),
+    Case(
+        "export-gguf-overwrite-foreign-modelfile",
+        lambda c: [
+            "export",
+            str(c.run),
+            "--gguf",
+            str(Path(text_file(c, "Modelfile", "FROM x")).parent / "m.gguf"),
+            "--overwrite",
+        ],
+        "was not written by edgetune",
+    ),
+    Case(
+        "export-gguf-unknown-type",
+        lambda c: ["export", str(c.run), "--gguf", "m.gguf", "--gguf-type", "q3_k"],
+        "invalid choice: 'q3_k'",
+    ),
+    Case("export-gguf-wrong-suffix", lambda c: ["export", str(c.run), "--gguf", str(c.tmp / "m.bin")], ".gguf"),
+    Case(
+        "export-gguf-same-path-as-onnx",
+        lambda c: ["export", str(c.run), "--gguf", str(c.tmp / "m.gguf"), "--onnx", str(c.tmp / "m.gguf")],
+        "name the same path",
+    ),
 ]
 
 

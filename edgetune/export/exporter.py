@@ -1,4 +1,4 @@
-"""``edgetune export``: a finished run as a merged Hugging Face folder, an ONNX file, or both, from one merge.
+"""``edgetune export``: a finished run as a merged Hugging Face folder, an ONNX file and/or a GGUF, from one merge.
 
 Every destination is checked before any model is loaded, so a typo costs seconds, not a merge; each output is
 written to a staging path and moved into place only after its checks pass.
@@ -11,6 +11,7 @@ from pathlib import Path
 
 from edgetune.errors import EdgetuneError
 from edgetune.export.finished_run import open_finished_run
+from edgetune.export.gguf_export import GgufExport, check_gguf_request, check_rope, plan_gguf, write_gguf
 from edgetune.export.merge import EXPORT_FILE, MergedExport, check_dtype, merge_run, write_merged
 from edgetune.export.onnx_export import OnnxExport, check_onnx_model_type, check_onnx_path, write_onnx
 from edgetune.export.staged_output import check_destination
@@ -21,12 +22,13 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ExportResult:
-    """What ``export`` wrote: the merged folder, the ONNX file, or both (None for the one not asked for)."""
+    """What ``export`` wrote: the merged folder, the ONNX file, the GGUF (None for those not asked for)."""
 
     run_dir: Path
     strategy: str
     merged: MergedExport | None
     onnx: OnnxExport | None
+    gguf: GgufExport | None = None
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -34,6 +36,7 @@ class ExportResult:
             "strategy": self.strategy,
             "merged": self.merged.to_dict() if self.merged else None,
             "onnx": self.onnx.to_dict() if self.onnx else None,
+            "gguf": self.gguf.to_dict() if self.gguf else None,
         }
 
 
@@ -42,6 +45,8 @@ def export(
     *,
     merged_dir: str | Path | None = None,
     onnx_path: str | Path | None = None,
+    gguf_path: str | Path | None = None,
+    gguf_type: str = "q8_0",
     dtype: str = "bf16",
     overwrite: bool = False,
     external_data: bool | None = None,
@@ -53,6 +58,8 @@ def export(
         run_dir: an ``edgetune train`` output folder.
         merged_dir: write the merged model here as a Hugging Face folder (safetensors, config, tokenizer).
         onnx_path: write an ONNX graph (input ids and attention mask to logits) here, verified with onnxruntime.
+        gguf_path: write a GGUF for llama.cpp here, read back and checked, with an Ollama ``Modelfile`` beside it.
+        gguf_type: the GGUF's matrices: ``f16``, ``bf16``, ``q8_0`` (default), ``q4_0``, ``q4_1``, ``q5_0``, ``q5_1``.
         dtype: the merged folder's weights: ``bf16`` (default), ``fp16`` or ``fp32``. ONNX is always float32.
         overwrite: replace existing outputs (only once the new ones passed their checks).
         external_data: ONNX weights in a ``.data`` file next to the graph; None decides by size.
@@ -62,25 +69,36 @@ def export(
         EdgetuneError: nothing asked for, a bad run folder, an output that exists without ``overwrite``, an
             unsupported model type, or a failed numeric check.
     """
-    if merged_dir is None and onnx_path is None:
-        raise EdgetuneError("nothing to export", "pass --merged OUT_DIR, --onnx OUT.onnx, or both")
+    if merged_dir is None and onnx_path is None and gguf_path is None:
+        raise EdgetuneError("nothing to export", "pass --merged OUT_DIR, --onnx OUT.onnx and/or --gguf OUT.gguf")
     check_dtype(dtype)
     run = open_finished_run(run_dir)
-    targets = [Path(p) for p in (merged_dir, onnx_path) if p is not None]
-    if len(targets) == 2 and targets[0].resolve() == targets[1].resolve():
-        raise EdgetuneError("--merged and --onnx name the same path", "give each output its own path")
+    targets = [Path(p).resolve() for p in (merged_dir, onnx_path, gguf_path) if p is not None]
+    if len(set(targets)) < len(targets):
+        raise EdgetuneError("two outputs name the same path", "give each output its own path")
     source = resolve_model(run.model_name, revision=run.revision, on_event=on_event)
     protected = {
         "the run folder": run.run_dir,
         "the model cache": cache_dir(),
         "the base model's folder": source.path if source.path.is_dir() else source.path.parent,
     }
+    config = read_config_dict(source.config_file)
     if merged_dir is not None:
         check_destination(Path(merged_dir), overwrite=overwrite, protected=protected, record=EXPORT_FILE)
     if onnx_path is not None:
         check_onnx_path(Path(onnx_path))
         check_destination(Path(onnx_path), overwrite=overwrite, protected=protected, record=None)
-        check_onnx_model_type(str(read_config_dict(source.config_file)["model_type"]))
+        check_onnx_model_type(str(config["model_type"]))
+    gguf_plan = None
+    if gguf_path is not None:
+        check_gguf_request(
+            Path(gguf_path), gguf_type, str(config["model_type"]), overwrite=overwrite, protected=protected
+        )
+        check_rope(config)
+        # The tokenizer training saved (with the chat template it rendered) beside the weights, else the base's.
+        tokenizer_dir = run.weights_dir if (run.weights_dir / "tokenizer.json").is_file() else source.path
+        base_dir = protected["the base model's folder"]
+        gguf_plan = plan_gguf(Path(gguf_path), gguf_type, tokenizer_dir, base_dir, int(config["vocab_size"]))
     merged = merge_run(run, on_event)
     merged_result = write_merged(merged, Path(merged_dir), dtype, on_event) if merged_dir is not None else None
     onnx_result = (
@@ -88,4 +106,5 @@ def export(
         if onnx_path is not None
         else None
     )
-    return ExportResult(run.run_dir, run.strategy.name, merged_result, onnx_result)
+    gguf_result = write_gguf(merged, gguf_plan, on_event) if gguf_plan is not None else None
+    return ExportResult(run.run_dir, run.strategy.name, merged_result, onnx_result, gguf_result)

@@ -28,7 +28,10 @@ class LogitCheck:
         max_abs_diff: largest absolute logit difference over the kept positions.
         mean_abs_diff: mean absolute difference over the kept positions and the vocabulary.
         top1_agreement: share of kept positions where both pick the same next token.
-        tolerance: the bound on ``max_abs_diff`` the check asserts (None: reported only).
+        tolerance: the bound on ``max_abs_diff`` the check asserts (None: not bounded).
+        mean_tolerance: the bound on ``mean_abs_diff`` (None: not bounded); for quantized weights, whose
+            largest differences are rare outliers.
+        min_top1: the least ``top1_agreement`` the check asserts (None: not bounded).
     """
 
     name: str
@@ -36,20 +39,31 @@ class LogitCheck:
     mean_abs_diff: float
     top1_agreement: float
     tolerance: float | None
+    mean_tolerance: float | None = None
+    min_top1: float | None = None
 
     @property
     def passed(self) -> bool:
-        return self.tolerance is None or self.max_abs_diff <= self.tolerance
+        return (
+            (self.tolerance is None or self.max_abs_diff <= self.tolerance)
+            and (self.mean_tolerance is None or self.mean_abs_diff <= self.mean_tolerance)
+            and (self.min_top1 is None or self.top1_agreement >= self.min_top1)
+        )
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self) | {"passed": self.passed}
 
     def describe(self) -> str:
+        verdict = " ok" if self.passed else " FAILED"
         bound = "reported only" if self.tolerance is None else f"tolerance {self.tolerance:.3g}"
-        verdict = "" if self.tolerance is None else (" ok" if self.passed else " FAILED")
+        mean = "" if self.mean_tolerance is None else f" (bound {self.mean_tolerance:.3g})"
+        top1 = "" if self.min_top1 is None else f" (at least {self.min_top1:.0%})"
+        # A max-bounded check says its verdict next to that bound; mean- and top-1-bounded ones at the end.
+        early = verdict if self.tolerance is not None else ""
+        late = verdict if self.tolerance is None and (mean or top1) else ""
         return (
-            f"{self.name}: max |diff| {self.max_abs_diff:.3g} ({bound}){verdict}, mean {self.mean_abs_diff:.3g}, "
-            f"same top-1 token at {self.top1_agreement:.1%} of positions"
+            f"{self.name}: max |diff| {self.max_abs_diff:.3g} ({bound}){early}, mean {self.mean_abs_diff:.3g}{mean}, "
+            f"same top-1 token at {self.top1_agreement:.1%} of positions{top1}{late}"
         )
 
 
@@ -60,14 +74,21 @@ def sample_batch(tokenizer, texts: tuple[str, ...] = SAMPLE_TEXTS) -> dict[str, 
 
 
 def compare_logits(
-    name: str, reference: torch.Tensor, candidate: torch.Tensor, mask: torch.Tensor, tolerance: float | None
+    name: str,
+    reference: torch.Tensor,
+    candidate: torch.Tensor,
+    mask: torch.Tensor,
+    tolerance: float | None,
+    *,
+    mean_tolerance: float | None = None,
+    min_top1: float | None = None,
 ) -> LogitCheck:
     """Compare ``[batch, seq, vocab]`` logits at the positions where ``mask`` is 1."""
     kept = mask.bool()
     ref, cand = reference.float()[kept], candidate.float()[kept]
     diff = (ref - cand).abs()
     agree = (ref.argmax(-1) == cand.argmax(-1)).float().mean()
-    return LogitCheck(name, float(diff.max()), float(diff.mean()), float(agree), tolerance)
+    return LogitCheck(name, float(diff.max()), float(diff.mean()), float(agree), tolerance, mean_tolerance, min_top1)
 
 
 def largest_kept_logit(logits: torch.Tensor, mask: torch.Tensor) -> float:
