@@ -376,7 +376,10 @@ def _add_export(commands: argparse._SubParsersAction, common: argparse.ArgumentP
         "trained on and save a Hugging Face folder (--merged), and/or export that model to ONNX and check it "
         "against torch with onnxruntime (--onnx). Each output is checked numerically before it is written.",
     )
-    sub.add_argument("run_dir", metavar="RUN_DIR", help="the output folder of `edgetune train`")
+    sub.add_argument(
+        "run_dir", metavar="RUN_DIR", help="a run folder, one of its checkpoints/step-N, or a peft adapter (--base)"
+    )
+    sub.add_argument("--base", metavar="MODEL", help="the base model of a peft adapter folder trained elsewhere")
     sub.add_argument("--merged", metavar="OUT_DIR", help="write the merged model here (safetensors, config, tokenizer)")
     sub.add_argument("--onnx", metavar="OUT.onnx", help="write an ONNX graph (input ids, attention mask -> logits)")
     sub.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="merged weights (default bf16)")
@@ -397,6 +400,7 @@ def _run_export(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         external_data=True if args.external_data else None,
         on_event=lambda message: print(message, file=sys.stderr, flush=True),
+        base=args.base,
     )
     _emit(args.json, result.to_dict(), lambda: export_summary(result))
     return 0

@@ -90,7 +90,7 @@ def merge_run(run: FinishedRun, on_event: Callable[[str], None] | None = None) -
     from edgetune.train.loading import load_base, load_tokenizer
 
     source = resolve_model(run.model_name, revision=run.revision, on_event=notify)
-    check_same_base(run, source)
+    check_same_base(run, source, notify)
     tokenizer = load_tokenizer(source)
     batch = sample_batch(tokenizer)
     notify(f"loading the {run.strategy.base} base of {run.run_dir} as it was trained")
@@ -195,6 +195,8 @@ def save_merged(merged: MergedRun, folder: Path, dtype: str) -> list[LogitCheck]
     checks = [*merged.checks, saved]
     provenance = {
         "run_dir": str(merged.run.run_dir.resolve()),
+        "weights_dir": str(merged.run.weights_dir.resolve()),
+        "origin": merged.run.origin,
         "model": merged.run.model_name,
         "revision": merged.run.revision,
         "strategy": merged.run.strategy.name,
