@@ -209,10 +209,13 @@ def export(
     overwrite: bool = False,
     external_data: bool | None = None,
     on_event: Callable[[str], None] | None = None,
+    base: str | None = None,
 ):
     """Export a finished run as a merged Hugging Face folder, a verified ONNX file and/or a verified GGUF.
 
-    See ``edgetune.export.exporter.export`` for the arguments; returns an ``ExportResult`` with every check's figures.
+    ``run_dir`` may also be one of its ``checkpoints/step-N`` folders, or a peft adapter folder trained elsewhere
+    with ``base`` naming its base model. See ``edgetune.export.exporter.export`` for the arguments; returns an
+    ``ExportResult`` with every check's figures.
 
     Raises:
         EdgetuneError: a bad run folder or output path, an unsupported model type, or a failed numeric check.
@@ -231,6 +234,7 @@ def export(
             overwrite=overwrite,
             external_data=external_data,
             on_event=on_event,
+            base=base,
         )
 
 
@@ -238,10 +242,13 @@ def open_chat(
     target: str | None = None,
     *,
     model: str | None = None,
+    base: str | None = None,
     device: str | None = None,
     on_event: Callable[[str], None] | None = None,
 ):
     """Load something to talk to: a finished run (base + adapters, no merge), a merged export, or ``model`` bare.
+
+    ``target`` may also be a run's ``checkpoints/step-N`` folder, or a peft adapter folder with ``base`` its base.
 
     Returns an ``edgetune.chat.models.ChatModel``; pass it to ``generate`` as often as you like.
 
@@ -251,7 +258,7 @@ def open_chat(
     from edgetune.chat.models import open_chat_model
 
     with _no_library_progress_bars():
-        return open_chat_model(target, model=model, device=device, on_event=on_event)
+        return open_chat_model(target, model=model, base=base, device=device, on_event=on_event)
 
 
 def generate(

@@ -377,7 +377,10 @@ def _add_export(commands: argparse._SubParsersAction, common: argparse.ArgumentP
         "torch with onnxruntime (--onnx), and/or write a GGUF for llama.cpp with an Ollama Modelfile, read back "
         "and checked (--gguf). Each output is checked numerically before it is written.",
     )
-    sub.add_argument("run_dir", metavar="RUN_DIR", help="the output folder of `edgetune train`")
+    sub.add_argument(
+        "run_dir", metavar="RUN_DIR", help="a run folder, one of its checkpoints/step-N, or a peft adapter (--base)"
+    )
+    sub.add_argument("--base", metavar="MODEL", help="the base model of a peft adapter folder trained elsewhere")
     sub.add_argument("--merged", metavar="OUT_DIR", help="write the merged model here (safetensors, config, tokenizer)")
     sub.add_argument("--onnx", metavar="OUT.onnx", help="write an ONNX graph (input ids, attention mask -> logits)")
     sub.add_argument(
@@ -409,6 +412,7 @@ def _run_export(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         external_data=True if args.external_data else None,
         on_event=lambda message: print(message, file=sys.stderr, flush=True),
+        base=args.base,
     )
     _emit(args.json, result.to_dict(), lambda: export_summary(result))
     return 0

@@ -19,7 +19,12 @@ def add_chat_commands(commands: argparse._SubParsersAction, common: argparse.Arg
         description="Talk to a model. In a terminal: a conversation, answers streamed, /reset clears the history, "
         "/quit or Ctrl-D ends it. From a pipe: one prompt per input line, one answer per output line.",
     )
-    chat.add_argument("target", nargs="?", metavar="RUN_DIR|MODEL_DIR", help="a run folder or a merged export")
+    chat.add_argument(
+        "target",
+        nargs="?",
+        metavar="RUN_DIR|MODEL_DIR",
+        help="a run folder, one of its checkpoints/step-N, a merged export, or a peft adapter folder (with --base)",
+    )
     _add_settings(chat)
     chat.set_defaults(handler=_run_chat)
     one = commands.add_parser(
@@ -32,6 +37,7 @@ def add_chat_commands(commands: argparse._SubParsersAction, common: argparse.Arg
 
 def _add_settings(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--model", help="talk to this model without fine-tuning (name, folder, .gguf or hub id)")
+    sub.add_argument("--base", metavar="MODEL", help="the base model of a peft adapter folder trained elsewhere")
     sub.add_argument("--system", help="a system message before the conversation")
     sub.add_argument("--max-new-tokens", type=int, default=256, help="the longest answer in tokens (default 256)")
     sub.add_argument("--temperature", type=float, default=0.7, help="0 answers greedily (default 0.7)")
@@ -59,7 +65,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     prompt = " ".join(words)
     if not prompt.strip():
         raise EdgetuneError("no prompt given", 'pass the prompt after the run folder: edgetune generate RUN "Hi"')
-    chat = api.open_chat(target, model=args.model, device=args.device, on_event=_status)
+    chat = api.open_chat(target, model=args.model, base=args.base, device=args.device, on_event=_status)
     for piece in api.generate(chat, prompt, **_settings(args)):
         print(piece, end="", flush=True)
     print()
@@ -75,7 +81,7 @@ def _run_chat(args: argparse.Namespace) -> int:
     lines = None if interactive else [line.rstrip("\n") for line in sys.stdin]
     if lines is not None and not any(line.strip() for line in lines):
         raise EdgetuneError("stdin held no prompt", "pipe one prompt per line, or run `edgetune chat` in a terminal")
-    chat = api.open_chat(args.target, model=args.model, device=args.device, on_event=_status)
+    chat = api.open_chat(args.target, model=args.model, base=args.base, device=args.device, on_event=_status)
     if lines is not None:
         for line in (line for line in lines if line.strip()):
             answer = "".join(api.generate(chat, line, **_settings(args)))

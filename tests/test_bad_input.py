@@ -94,6 +94,18 @@ def damaged_model(ctx, what: str) -> str:
     return str(folder)
 
 
+def wide_model(ctx) -> str:
+    """A model folder (config only) twice as wide as the tiny model the run's adapter was trained on."""
+    return str(Path(config_file(ctx, "wide", tiny_config(hidden_size=128, intermediate_size=256))).parent)
+
+
+def damaged_checkpoint(ctx) -> str:
+    checkpoint = sorted((ctx.run / "checkpoints").glob("step-*"))[-1]
+    weights = checkpoint / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    return str(checkpoint)
+
+
 def alias_bomb() -> str:
     """About 400 bytes of YAML whose value, written out in full, is 9**9 items: its repr would be gigabytes."""
     levels = ["&a [" + ", ".join(["x"] * 9) + "]"]
@@ -331,6 +343,21 @@ CASES = [
         "data.format text needs",
     ),
     Case("train-unknown-flag", lambda c: ["train", "--fast"], "unrecognized arguments: --fast"),
+    Case(
+        "train-init-adapter-other-rank",
+        lambda c: train(c, "train.strategy=adamw-lora-gc", f"train.init_adapter={c.run / 'adapter'}", "lora.rank=8"),
+        "has rank 16 and alpha 32, but the config has lora.rank=8",
+    ),
+    Case(
+        "train-init-adapter-full-strategy",
+        lambda c: train(c, "train.strategy=mezo-full", f"train.init_adapter={c.run / 'adapter'}"),
+        "trains every parameter",
+    ),
+    Case(
+        "train-init-adapter-not-an-adapter",
+        lambda c: train(c, f"train.init_adapter={foreign_folder(c, 'notadapter')}"),
+        "is not a peft adapter folder (no adapter_config.json, adapter_model.safetensors)",
+    ),
     # export
     Case(
         "export-unwritable", lambda c: ["export", str(c.run), "--merged", "/proc/edgetune-x"], "cannot write to /proc"
@@ -349,6 +376,21 @@ CASES = [
     ),
     Case("export-wrong-suffix", lambda c: ["export", str(c.run), "--onnx", str(c.tmp / "m.txt")], ".onnx"),
     Case("export-unknown-dtype", lambda c: ["export", str(c.run), "--dtype", "fp8"], "invalid choice: 'fp8'"),
+    Case(
+        "export-adapter-of-another-base",
+        lambda c: ["export", str(c.run / "adapter"), "--base", wide_model(c), "--merged", str(c.tmp / "m")],
+        "does not fit the base",
+    ),
+    Case(
+        "export-neither-run-checkpoint-nor-adapter",
+        lambda c: ["export", foreign_folder(c, "stuff"), "--merged", str(c.tmp / "m")],
+        "is not an edgetune run folder (no run.json), a checkpoint or a peft adapter folder",
+    ),
+    Case(
+        "export-damaged-checkpoint",
+        lambda c: ["export", damaged_checkpoint(c), "--merged", str(c.tmp / "m")],
+        "adapter/adapter_model.safetensors has",
+    ),
     Case("export-into-the-cache", lambda c: ["export", str(c.run), "--merged", str(cache_dir() / "x")], "model cache"),
     Case(
         "export-gguf-exists",

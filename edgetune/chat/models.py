@@ -1,5 +1,8 @@
 """What ``edgetune chat`` and ``generate`` talk to, loaded for generation: a run, an export folder or a bare model.
 
+A run may also be given as one of its checkpoints (``RUN/checkpoints/step-N``: the adapters of that step), and a
+peft adapter trained elsewhere as its folder plus ``base`` (``edgetune.export.open_weights``).
+
 A LoRA run is its base with the adapters attached (no merge, no export step): on a GPU the base is loaded as it
 was trained; on a CPU it is loaded in float32, the 4-bit NF4 base dequantized exactly as the exporter does, since
 16-bit matmuls are many times slower than float32 on CPUs without native bf16 and generation is matmul-bound.
@@ -15,6 +18,8 @@ import torch
 
 from edgetune.errors import EdgetuneError
 from edgetune.plan.sources import resolve_model
+from edgetune.train.adapter_folder import is_adapter_folder
+from edgetune.train.checkpoint import is_checkpoint_folder
 from edgetune.train.run_folder import RUN_FILE
 
 logger = logging.getLogger(__name__)
@@ -41,13 +46,14 @@ def open_chat_model(
     target: str | None,
     *,
     model: str | None = None,
+    base: str | None = None,
     device: str | None = None,
     on_event: Callable[[str], None] | None = None,
 ) -> ChatModel:
-    """Load ``target`` (a run folder, a merged export folder) or, with ``model``, a bare model for generation.
+    """Load ``target`` (a run, checkpoint, merged export or, with ``base``, peft adapter folder) or ``model`` bare.
 
     Raises:
-        EdgetuneError: neither or both given, or the folder is neither a finished run nor a model.
+        EdgetuneError: neither or both given, ``base`` without an adapter folder, or the folder is none of these.
     """
     notify = on_event or logger.info
     if (target is None) == (model is None):
@@ -56,35 +62,44 @@ def open_chat_model(
         )
     chosen = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if model is not None:
+        if base is not None:
+            raise EdgetuneError("--base was given with --model", "pass a peft adapter folder with --base, or --model")
         return _bare_model(model, chosen, notify)
     folder = Path(target)
-    if (folder / RUN_FILE).is_file():
-        return _run(folder, chosen, notify)
+    if (folder / RUN_FILE).is_file() or is_checkpoint_folder(folder) or is_adapter_folder(folder):
+        return _run(folder, base, chosen, notify)
     if (folder / "config.json").is_file():
+        if base is not None:
+            raise EdgetuneError(f"--base was given with the model folder {folder}", "drop --base, or pass an adapter")
         return _bare_model(str(folder), chosen, notify)
     raise EdgetuneError(
-        f"{folder} is neither an edgetune run folder nor a model folder",
-        "pass the output folder of `edgetune train`, of `edgetune export --merged`, or --model NAME",
+        f"{folder} is neither an edgetune run folder nor a model folder (nor a checkpoint or a peft adapter folder)",
+        "pass the output folder of `edgetune train` or of `edgetune export --merged`, a RUN/checkpoints/step-N "
+        "folder, a peft adapter folder with --base MODEL, or --model NAME",
     )
 
 
-def _run(folder: Path, device: torch.device, notify: Callable[[str], None]) -> ChatModel:
+def _run(folder: Path, base: str | None, device: torch.device, notify: Callable[[str], None]) -> ChatModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from edgetune.export.finished_run import check_same_base, open_finished_run
+    from edgetune.export.finished_run import check_same_base
     from edgetune.export.merge import dequantized_float32
-    from edgetune.train.loading import load_base
+    from edgetune.export.open_weights import open_weights
+    from edgetune.train.loading import load_base, load_tokenizer
 
-    run = open_finished_run(folder)
-    tokenizer = AutoTokenizer.from_pretrained(run.weights_dir)
+    run = open_weights(folder, base=base)
     if not run.is_lora:
+        tokenizer = AutoTokenizer.from_pretrained(run.weights_dir)
         dtype = torch.float32 if device.type == "cpu" else None
         loaded = AutoModelForCausalLM.from_pretrained(run.weights_dir, dtype=dtype)
         return ChatModel(_ready(loaded, device), tokenizer, f"{folder} (fully fine-tuned)")
     from peft import PeftModel
 
     source = resolve_model(run.model_name, revision=run.revision, on_event=notify)
-    check_same_base(run, source)
+    check_same_base(run, source, notify)
+    # A run's adapters carry the tokenizer with its chat template; an adapter from elsewhere may come without one.
+    has_tokenizer = (run.weights_dir / "tokenizer_config.json").is_file()
+    tokenizer = AutoTokenizer.from_pretrained(run.weights_dir) if has_tokenizer else load_tokenizer(source)
     on_cpu = device.type == "cpu"
     notify(f"loading {run.model_name} ({'float32' if on_cpu else run.strategy.base}) with the adapters of {folder}")
     base = load_base(source, "fp32" if on_cpu and run.strategy.base != "nf4" else run.strategy.base, device=device)

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgetune.errors import EdgetuneError
-from edgetune.export.finished_run import open_finished_run
 from edgetune.export.gguf_export import GgufExport, check_gguf_request, check_rope, plan_gguf, write_gguf
 from edgetune.export.merge import EXPORT_FILE, MergedExport, check_dtype, merge_run, write_merged
 from edgetune.export.onnx_export import OnnxExport, check_onnx_model_type, check_onnx_path, write_onnx
+from edgetune.export.open_weights import open_weights
 from edgetune.export.staged_output import check_destination
 from edgetune.plan.sources import cache_dir, read_config_dict, resolve_model
 
@@ -51,11 +51,13 @@ def export(
     overwrite: bool = False,
     external_data: bool | None = None,
     on_event: Callable[[str], None] | None = None,
+    base: str | None = None,
 ) -> ExportResult:
     """Export what ``edgetune train`` produced in ``run_dir``.
 
     Args:
-        run_dir: an ``edgetune train`` output folder.
+        run_dir: an ``edgetune train`` output folder, one of its ``checkpoints/step-N`` folders, or (with ``base``)
+            a peft adapter folder (``edgetune.export.open_weights``).
         merged_dir: write the merged model here as a Hugging Face folder (safetensors, config, tokenizer).
         onnx_path: write an ONNX graph (input ids and attention mask to logits) here, verified with onnxruntime.
         gguf_path: write a GGUF for llama.cpp here, read back and checked, with an Ollama ``Modelfile`` beside it.
@@ -64,6 +66,7 @@ def export(
         overwrite: replace existing outputs (only once the new ones passed their checks).
         external_data: ONNX weights in a ``.data`` file next to the graph; None decides by size.
         on_event: called with one-line progress messages.
+        base: the base model of a peft adapter folder trained elsewhere (a name, folder, .gguf or hub id).
 
     Raises:
         EdgetuneError: nothing asked for, a bad run folder, an output that exists without ``overwrite``, an
@@ -72,7 +75,7 @@ def export(
     if merged_dir is None and onnx_path is None and gguf_path is None:
         raise EdgetuneError("nothing to export", "pass --merged OUT_DIR, --onnx OUT.onnx and/or --gguf OUT.gguf")
     check_dtype(dtype)
-    run = open_finished_run(run_dir)
+    run = open_weights(run_dir, base=base)
     targets = [Path(p).resolve() for p in (merged_dir, onnx_path, gguf_path) if p is not None]
     if len(set(targets)) < len(targets):
         raise EdgetuneError("two outputs name the same path", "give each output its own path")

@@ -6,6 +6,7 @@ base model that changed since training) ends in one ``EdgetuneError`` that names
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,17 +29,21 @@ class FinishedRun:
         model_name: the ``model.name`` the run trained (an alias, a folder, a .gguf file or a hub id).
         strategy: the strategy of the saved weights (the last one, if an out-of-memory fallback changed it).
         weights_dir: ``adapter/`` (LoRA runs, peft format) or ``model/`` (full-parameter runs).
-        architecture: the hash of the base's config.json recorded when the run started.
+        architecture: the hash of the base's config.json recorded when the run started; None for a peft adapter
+            trained elsewhere, whose modules and shapes are checked against the base instead.
         revision: for a hub model, the commit the run trained on (else the revision it pinned), so an export
             merges into those weights even after the hub's main branch moved.
+        origin: ``run`` (a finished run), ``checkpoint`` (a checkpoint's ``adapter/``, see
+            ``edgetune.export.open_weights``) or ``adapter`` (a peft adapter folder from elsewhere).
     """
 
     run_dir: Path
     model_name: str
     strategy: Strategy
     weights_dir: Path
-    architecture: str
+    architecture: str | None
     revision: str | None = None
+    origin: str = "run"
 
     @property
     def is_lora(self) -> bool:
@@ -93,18 +98,41 @@ def _trained_revision(weights_dir: Path, run_dir: Path) -> str | None:
     return revision if isinstance(revision, str) else None
 
 
-def check_same_base(run: FinishedRun, source: ModelSource) -> None:
+def check_same_base(run: FinishedRun, source: ModelSource, on_event: Callable[[str], None] | None = None) -> None:
     """Refuse a base whose config changed since training: the adapters would be merged into another model.
 
+    An adapter from elsewhere has no recorded hash: its adapted modules and their shapes must exist in the base.
+
     Raises:
-        EdgetuneError: the config.json hash differs from the one the run recorded.
+        EdgetuneError: the config.json hash differs from the one the run recorded, or the adapter does not fit.
     """
+    if run.architecture is None:
+        adapter = _check_adapter_fits(run, source)
+        (on_event or logger.info)(
+            f"{run.weights_dir}: rank-{adapter.rank} LoRA adapter trained on {adapter.base or 'an unnamed base'}, "
+            f"used on {run.model_name}"
+        )
+        return
     if architecture_hash(source) != run.architecture:
         raise EdgetuneError(
             f"the base model {run.model_name} ({source.path}) is not the one {run.run_dir} was trained on "
             "(its config.json changed)",
             "restore the original model folder, or train again on the new one",
         )
+
+
+def _check_adapter_fits(run: FinishedRun, source: ModelSource):  # -> AdapterFolder
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from edgetune.train.adapter_folder import check_fits, read_adapter_folder
+
+    fix = "pass the --base the adapter was trained on (same architecture and size)"
+    adapter = read_adapter_folder(run.weights_dir, fix)
+    with torch.device("meta"):  # the module tree and shapes only, no memory
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source.config_file))
+    check_fits(adapter, skeleton, run.model_name, fix)
+    return adapter
 
 
 def _read_json(path: Path, run_dir: Path) -> dict[str, Any]:

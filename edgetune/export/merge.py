@@ -92,7 +92,7 @@ def merge_run(run: FinishedRun, on_event: Callable[[str], None] | None = None) -
     from edgetune.train.loading import load_base, load_tokenizer
 
     source = resolve_model(run.model_name, revision=run.revision, on_event=notify)
-    check_same_base(run, source)
+    check_same_base(run, source, notify)
     # The run saved its tokenizer with the chat template it trained with (data.chat_template); the base's may lack it.
     saved = (run.weights_dir / "tokenizer_config.json").is_file()
     tokenizer = AutoTokenizer.from_pretrained(run.weights_dir) if saved else load_tokenizer(source)
@@ -199,6 +199,8 @@ def save_merged(merged: MergedRun, folder: Path, dtype: str) -> list[LogitCheck]
     checks = [*merged.checks, saved]
     provenance = {
         "run_dir": str(merged.run.run_dir.resolve()),
+        "weights_dir": str(merged.run.weights_dir.resolve()),
+        "origin": merged.run.origin,
         "model": merged.run.model_name,
         "revision": merged.run.revision,
         "strategy": merged.run.strategy.name,

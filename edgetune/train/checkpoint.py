@@ -1,8 +1,10 @@
 """Crash-safe training checkpoints: a folder renamed into place after its manifest, verified on resume.
 
 ``RUN_DIR/checkpoints/step-000123/`` holds ``tensors.safetensors`` (trainable weights), ``state.pt`` (optimizer,
-scheduler, RNG states, data position, counters: whatever the trainer passes) and ``manifest.json`` (format version,
-step, identity, size and sha256 of each file, creation time). A save writes into ``.tmp-step-000123-<random>/``,
+scheduler, RNG states, data position, counters: whatever the trainer passes), for LoRA runs ``adapter/`` (the same
+adapters in peft format, loadable with ``PeftModel.from_pretrained``, with the tokenizer) and ``manifest.json``
+(format version, step, identity, size and sha256 of each file, creation time). Checkpoints without ``adapter/``
+(older ones, full-parameter runs) are just as valid. A save writes into ``.tmp-step-000123-<random>/``,
 fsyncs each file, writes and fsyncs the manifest last, fsyncs the folder, renames it into place and fsyncs
 ``checkpoints/``. A kill at any moment leaves complete ``step-*`` folders plus at most a ``.tmp-*`` folder, which the
 next save deletes; a folder damaged later (bad copy, bit rot) fails its sizes or hashes and resume falls back to the
@@ -25,6 +27,7 @@ import re
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,6 +42,10 @@ logger = logging.getLogger(__name__)
 
 FORMAT, FORMAT_VERSION = "edgetune-checkpoint", 1
 TENSORS_FILE, STATE_FILE, MANIFEST_FILE = "tensors.safetensors", "state.pt", "manifest.json"
+ADAPTER_DIR = "adapter"
+# The files of adapter/ a manifest may list: plain names one level down, so no entry can point outside the folder.
+_ADAPTER_ENTRY = re.compile(rf"{ADAPTER_DIR}/[A-Za-z0-9_][A-Za-z0-9._-]*")
+_ADAPTER_REQUIRED = (f"{ADAPTER_DIR}/adapter_config.json", f"{ADAPTER_DIR}/adapter_model.safetensors")
 _STEP_DIR = re.compile(r"step-([0-9]+)")
 _TMP_PREFIX = ".tmp-"
 _NEW_RUN_FIX = "resume with the same config or start a new run directory"
@@ -96,6 +103,7 @@ def save_checkpoint(
     *,
     identity: dict[str, str],
     keep: int,
+    write_adapter: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write a checkpoint atomically, then delete higher steps, all but the ``keep`` newest and stale temp folders.
 
@@ -106,6 +114,8 @@ def save_checkpoint(
         state: a picklable dict (optimizer and scheduler state dicts, ``capture_rng_state()``, data position).
         identity: what a resume must match, e.g. model name, config hash, strategy, LoRA settings.
         keep: how many checkpoints to keep, counting this one.
+        write_adapter: writes a peft adapter folder into the path it is given (``adapter/`` of the temporary
+            folder), so the adapter lands with the rest and its files are covered by the manifest.
 
     Returns:
         The checkpoint folder.
@@ -122,7 +132,7 @@ def save_checkpoint(
         _fsync_dir(run_dir)  # else a power cut could lose the folder that holds the first checkpoint
     tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}step-{step:06d}-", dir=root))
     try:
-        files = _write_payload(tmp, tensors, state)
+        files = _write_payload(tmp, tensors, state, write_adapter)
         _write_manifest(tmp, step, identity, files)
         final = _install(tmp, root / f"step-{step:06d}")
     except Exception:
@@ -188,9 +198,39 @@ def list_checkpoints(run_dir: Path, *, verify: bool = False) -> list[CheckpointE
         manifest, problem = _read_manifest(path)
         if manifest is not None:
             problem = _version_problem(manifest) or _check_files(path, step, manifest, hashes=verify)
-        size_bytes = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+        size_bytes = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
         entries.append(CheckpointEntry(step=step, path=path, size_bytes=size_bytes, problem=problem))
     return entries
+
+
+def is_checkpoint_folder(path: Path) -> bool:
+    """Whether ``path`` looks like a checkpoint folder: ``step-N`` holding a manifest (not yet verified)."""
+    return _STEP_DIR.fullmatch(path.name) is not None and (path / MANIFEST_FILE).is_file()
+
+
+def verified_manifest(path: Path) -> dict[str, Any]:
+    """The manifest of one checkpoint folder, once its format, sizes and sha256 hashes checked out.
+
+    Args:
+        path: a ``step-N`` folder (``is_checkpoint_folder``).
+
+    Returns:
+        The parsed manifest.json.
+
+    Raises:
+        EdgetuneError: the checkpoint is incomplete, damaged or of another format version.
+    """
+    match = _STEP_DIR.fullmatch(path.name)
+    manifest, problem = _read_manifest(path)
+    if manifest is not None:
+        step = int(match.group(1)) if match else -1
+        problem = _version_problem(manifest) or _check_files(path, step, manifest, hashes=True)
+    if problem is not None:
+        raise EdgetuneError(
+            f"checkpoint {path} cannot be used: {problem}",
+            "pass another checkpoint of the run (an earlier step-* folder), or the run folder itself",
+        )
+    return manifest
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -254,13 +294,23 @@ def _is_str_dict(value: Any) -> bool:
     return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
 
 
-def _write_payload(folder: Path, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> dict[str, Any]:
+def _write_payload(
+    folder: Path, tensors: dict[str, torch.Tensor], state: dict[str, Any], write_adapter: Callable[[Path], None] | None
+) -> dict[str, Any]:
     from safetensors.torch import save_file
 
     save_file({name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}, str(folder / TENSORS_FILE))
     torch.save(state, folder / STATE_FILE)
+    names = [TENSORS_FILE, STATE_FILE]
+    if write_adapter is not None:
+        write_adapter(folder / ADAPTER_DIR)
+        names += sorted(f"{ADAPTER_DIR}/{p.name}" for p in (folder / ADAPTER_DIR).iterdir() if p.is_file())
+        unlisted = [name for name in (*names[2:], *_ADAPTER_REQUIRED) if not _ADAPTER_ENTRY.fullmatch(name)]
+        if unlisted or not set(_ADAPTER_REQUIRED) <= set(names):
+            raise ValueError(f"the adapter writer wrote {names[2:]}; it must write {list(_ADAPTER_REQUIRED)}")
+        _fsync_dir(folder / ADAPTER_DIR)
     files = {}
-    for name in (TENSORS_FILE, STATE_FILE):
+    for name in names:
         _fsync_file(folder / name)
         files[name] = {"size_bytes": (folder / name).stat().st_size, "sha256": _sha256(folder / name)}
     return files
@@ -340,8 +390,8 @@ def _check_files(path: Path, step: int, manifest: dict[str, Any], *, hashes: boo
     if not _is_str_dict(manifest.get("identity")):
         return "its manifest has no identity"
     files = manifest.get("files")
-    # Only the two known names are accepted, so a manifest cannot point outside its folder.
-    if not isinstance(files, dict) or set(files) != {TENSORS_FILE, STATE_FILE}:
+    # Only the two known names and plain names in adapter/ are accepted, so a manifest cannot point outside its folder.
+    if not isinstance(files, dict) or not _known_files(set(files)):
         return f"its manifest lists files {sorted(files) if isinstance(files, dict) else files!r}"
     for name, info in sorted(files.items()):
         expected = info.get("size_bytes") if isinstance(info, dict) else None
@@ -352,6 +402,13 @@ def _check_files(path: Path, step: int, manifest: dict[str, Any], *, hashes: boo
         if hashes and _sha256(path / name) != info.get("sha256"):
             return f"{name} does not match the sha256 in its manifest (the file is corrupt)"
     return None
+
+
+def _known_files(names: set[str]) -> bool:
+    adapter = names - {TENSORS_FILE, STATE_FILE}
+    if not {TENSORS_FILE, STATE_FILE} <= names or not all(_ADAPTER_ENTRY.fullmatch(name) for name in adapter):
+        return False
+    return not adapter or set(_ADAPTER_REQUIRED) <= adapter
 
 
 def _load_state(path: Path) -> tuple[dict[str, Any] | None, str | None]:

@@ -109,6 +109,9 @@ class TrainSection:
     """How to train: strategy, length, optimizer knobs, batches, evaluation, device and memory budget."""
 
     strategy: str | None = _field(None, "a strategy from `edgetune plan`; null takes the planner's recommendation")
+    init_adapter: str | None = _field(
+        None, "a peft LoRA adapter folder to start from (a run's or checkpoint's adapter/); lora.* must match it"
+    )
     lr: float | None = _field(None, "learning rate; null uses the strategy's default")
     steps: int | None = _field(DEFAULT_STEPS, "optimizer steps to run; null when train.epochs sets the length")
     epochs: float | None = _field(None, "passes over the training data (fractions allowed); setting it clears steps")
@@ -131,6 +134,7 @@ class TrainSection:
     def __post_init__(self) -> None:
         check_types(self, "train")
         _check_strategy(self.strategy)
+        self._check_init_adapter()
         for key, example in (
             ("lr", "a learning rate such as 1e-4"),
             ("zo_eps", "1e-3"),
@@ -154,6 +158,19 @@ class TrainSection:
         # Parsed once here; the trainer reads budget_bytes and never parses the text again.
         object.__setattr__(self, "_budget_bytes", None if self.budget is None else parse_bytes(self.budget))
         self._check_strategy_knobs()
+
+    def _check_init_adapter(self) -> None:
+        if self.init_adapter is None:
+            return
+        if not self.init_adapter.strip():
+            raise EdgetuneError("train.init_adapter is empty", "name a peft adapter folder, or null to start fresh")
+        strategy = STRATEGIES.get(self.strategy or "")
+        if strategy is not None and not strategy.lora:
+            raise EdgetuneError(
+                f"train.init_adapter starts from LoRA adapters, but train.strategy={self.strategy} trains every "
+                "parameter",
+                "pick a LoRA strategy (e.g. adafish-lora or scaled-adamw-qlora-gc), or set train.init_adapter=null",
+            )
 
     def _check_length(self) -> None:
         if (self.steps is None) == (self.epochs is None):

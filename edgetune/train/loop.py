@@ -23,6 +23,7 @@ from edgetune.plan.decide import Decision, decide, plan_run
 from edgetune.plan.device import read_devices
 from edgetune.plan.inventory import inspect_model
 from edgetune.plan.sources import resolve_model
+from edgetune.train.adapter_folder import load_into, open_init_adapter
 from edgetune.train.batching import pad_token_id
 from edgetune.train.config import TrainConfig
 from edgetune.train.data import load_dataset
@@ -38,6 +39,7 @@ from edgetune.train.run_folder import (
     total_figure,
     truncate_step_log,
     write_summary,
+    write_weights,
 )
 from edgetune.train.session import (
     Session,
@@ -153,6 +155,9 @@ def _train(config: TrainConfig, resume: bool, on_step, notify: Callable[[str], N
     # Everything that can refuse the run is checked before the first message, so bad input gets one line.
     source = resolve_model(config.model.name, revision=config.model.revision, on_event=notify)
     decision, budget = _decide(config, source, device)
+    init = None
+    if config.train.init_adapter is not None and not resume:  # a resume continues from its checkpoint instead
+        init = open_init_adapter(config.train.init_adapter, decision.strategy, config.lora.rank, config.lora.alpha)
     tokenizer = load_tokenizer(source)
     data = load_dataset(config.data, tokenizer)
     total = config.train.total_steps(len(data.train))
@@ -176,10 +181,16 @@ def _train(config: TrainConfig, resume: bool, on_step, notify: Callable[[str], N
     session = make_session(
         decision.strategy, micro_batch=config.train.batch_size, accumulation=config.train.grad_accumulation
     )
+    if init is not None:
+        load_into(session.model, init)
     notify(data.stats.describe())
     for warning in data.warnings:
         notify(f"warning: {warning}")
     notify(f"strategy {decision.strategy.name}: {decision.reason}")
+    if init is not None:
+        notify(
+            f"starting from the rank-{init.rank} adapters in {init.path} (trained on {init.base or 'an unnamed base'})"
+        )
     # The folder is written only once the model loaded: a model that fails to load leaves nothing behind.
     if action == "restart":
         notify(f"{run_dir} holds a run that stopped before its first checkpoint; starting it over there")
@@ -249,11 +260,11 @@ def _train(config: TrainConfig, resume: bool, on_step, notify: Callable[[str], N
             status = f"stopped: {nonfinite_run} non-finite losses in a row (lower the learning rate)"
             break
         if step % config.output.checkpoint_every == 0:
-            _checkpoint(run_dir, step, session, stream, skipped, identity, config, val_before)
+            _checkpoint(run_dir, step, session, stream, skipped, identity, config, val_before, (tokenizer, source))
     if cancel.cancelled and step < total:
         status = "cancelled"
     if step % config.output.checkpoint_every != 0 or status != "finished":
-        _checkpoint(run_dir, step, session, stream, skipped, identity, config, val_before)
+        _checkpoint(run_dir, step, session, stream, skipped, identity, config, val_before, (tokenizer, source))
     val_after = evaluate()
     samples_after = history[-1].samples if history and history[-1].samples is not None else answers()
     output_dir = save_result_weights(run_dir, session.model, session.strategy, tokenizer, source)
@@ -331,9 +342,20 @@ def _step_info(step, total, outcome, lr, step_started, started, start, probe, re
     )
 
 
-def _checkpoint(run_dir, step, session: Session, stream: BatchStream, skipped, identity, config, val_before) -> None:
+def _checkpoint(
+    run_dir, step, session: Session, stream: BatchStream, skipped, identity, config, val_before, saved_with
+) -> None:
+    """Save a checkpoint; ``saved_with`` (tokenizer, model source) goes into a LoRA checkpoint's ``adapter/``."""
     extra = {"data": stream.position(), "skipped": skipped, "val_loss_before": val_before}
-    save_session(run_dir, step, session, extra, identity=identity, keep=config.output.keep_checkpoints)
+    tokenizer, source = saved_with
+
+    def write_adapter(folder: Path) -> None:
+        write_weights(folder, session.model, tokenizer, source, session.strategy)
+
+    writer = write_adapter if session.strategy.lora else None
+    save_session(
+        run_dir, step, session, extra, identity=identity, keep=config.output.keep_checkpoints, write_adapter=writer
+    )
 
 
 def _device(choice: str) -> torch.device:

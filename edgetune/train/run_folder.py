@@ -176,16 +176,25 @@ def save_result_weights(run_dir: Path, model: torch.nn.Module, strategy, tokeniz
     target = run_dir / ("adapter" if strategy.lora else "model")
     staging = run_dir / f".{target.name}-partial"
     shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    record_base(staging, source)
-    tokenizer.save_pretrained(staging)
+    write_weights(staging, model, tokenizer, source, strategy)
     if target.exists():
         shutil.rmtree(target)
     staging.rename(target)
     return target
 
 
-def record_base(folder: Path, source) -> None:
+def write_weights(folder: Path, model: torch.nn.Module, tokenizer, source, strategy) -> None:
+    """Save ``model`` (a peft model: its adapters only) and the tokenizer into ``folder``, naming base and strategy.
+
+    The run's result and every checkpoint of a LoRA run (its ``adapter/``) are written this way, so either folder
+    loads with ``PeftModel.from_pretrained`` and renders prompts with the run's chat template.
+    """
+    model.save_pretrained(folder)
+    record_base(folder, source, strategy.name)
+    tokenizer.save_pretrained(folder)
+
+
+def record_base(folder: Path, source, strategy: str | None = None) -> None:
     """Make saved weights name their base as something ``from_pretrained`` loads to exactly the trained-on weights.
 
     peft records the in-memory base's ``name_or_path``, which for edgetune is always a local folder (a hub model
@@ -203,6 +212,8 @@ def record_base(folder: Path, source) -> None:
     else:
         base, revision = str(source.path.resolve()), None
     provenance = {"model": source.name, "kind": source.kind, "base_model_name_or_path": base, "revision": revision}
+    if strategy is not None:
+        provenance["strategy"] = strategy  # the strategy that trained these weights, after any out-of-memory move
     converted = source.path / SOURCE_FILE
     if source.kind in ("default", "gguf") and converted.is_file():
         provenance["converted_from"] = json.loads(converted.read_text())

@@ -174,8 +174,23 @@ def budget_guard(probe, resident_bytes: int, budget_bytes: int | None) -> Callab
     return check
 
 
-def save_session(run_dir: Path, step: int, session: Session, extra: dict[str, Any], *, identity, keep: int) -> None:
-    """Checkpoint the trainable weights, optimizer, schedule, RNG states and shape of a session, plus ``extra``."""
+def save_session(
+    run_dir: Path,
+    step: int,
+    session: Session,
+    extra: dict[str, Any],
+    *,
+    identity,
+    keep: int,
+    write_adapter: Callable[[Path], None] | None = None,
+) -> None:
+    """Checkpoint the trainable weights, optimizer, schedule, RNG states and shape of a session, plus ``extra``.
+
+    ``write_adapter`` (LoRA runs) also puts the adapters in peft format into the checkpoint's ``adapter/``. Resume
+    reads ``tensors.safetensors`` all the same: it holds every trainable parameter under the model's own names for
+    any strategy (full-parameter runs have no adapter, older checkpoints no ``adapter/``), so resuming never depends
+    on how a peft version names the keys of its files. The second copy costs little, since adapters are small.
+    """
     tensors = {name: p.detach().to("cpu").contiguous() for name, p in session.trainable.items()}
     state = {
         "optimizer": session.optimizer.state_dict(),
@@ -185,7 +200,7 @@ def save_session(run_dir: Path, step: int, session: Session, extra: dict[str, An
         "session": session.describe(),
     } | extra
     try:
-        save_checkpoint(run_dir, step, tensors, state, identity=identity, keep=keep)
+        save_checkpoint(run_dir, step, tensors, state, identity=identity, keep=keep, write_adapter=write_adapter)
     except OSError as exc:
         # save_checkpoint removed its partial folder; the checkpoints before this one are untouched.
         raise EdgetuneError(

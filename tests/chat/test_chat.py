@@ -92,11 +92,30 @@ def test_generate_prints_one_answer(tiny_runs, capsys):
         (["chat"], "hi\n", "name one thing to talk to"),
         (["chat", "NOWHERE"], "hi\n", "is neither an edgetune run folder nor a model folder"),
         (["generate", "RUN", "hi", "--top-p", "2"], "", "top_p=2.0 is out of range"),
+        (["chat", "RUN/adapter"], "hi\n", "pass --base MODEL (the adapter names"),
+        (["chat", "RUN", "--base", "NOWHERE"], "hi\n", "drop --base"),
     ],
 )
 def test_bad_chat_input_is_one_line(tiny_runs, tmp_path, monkeypatch, capsys, argv, stdin, message):
-    argv = [str(tiny_runs["bf16"]) if a == "RUN" else str(tmp_path / a) if a == "NOWHERE" else a for a in argv]
+    names = {"RUN": tiny_runs["bf16"], "RUN/adapter": tiny_runs["bf16"] / "adapter", "NOWHERE": tmp_path / "NOWHERE"}
+    argv = [str(names.get(a, a)) for a in argv]
     monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
     code = main(argv)
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and message in err
+
+
+def test_a_checkpoint_and_a_foreign_adapter_answer_as_the_run_does(tiny_runs, tiny_trainable_dir, tmp_path):
+    """The bf16 run's last checkpoint is its final step; its adapter alone, on --base, is the same model."""
+    import shutil
+
+    foreign = tmp_path / "elsewhere"
+    foreign.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(tiny_runs["bf16"] / "adapter" / name, foreign / name)
+    run = "".join(api.generate(str(tiny_runs["bf16"]), "hello world", temperature=0, max_new_tokens=6))
+    checkpoint = api.open_chat(str(tiny_runs["bf16"] / "checkpoints" / "step-000003"))
+    adapter = api.open_chat(str(foreign), base=str(tiny_trainable_dir))
+    assert "adafish-lora adapters" in checkpoint.description and "peft-adapter adapters" in adapter.description
+    for chat in (checkpoint, adapter):
+        assert "".join(api.generate(chat, "hello world", temperature=0, max_new_tokens=6)) == run

@@ -201,3 +201,54 @@ def test_overwrite_never_replaces_a_folder_that_is_not_an_export(tiny_runs, tmp_
     code, _, err = run_cli(capsys, str(tiny_runs["nf4"]), "--merged", str(theirs), "--overwrite")
     assert_one_line_error(code, err, "is not an edgetune export", "edgetune_export.json")
     assert (theirs / "thesis.tex").read_text() == "mine" and (theirs / "sub" / "data.csv").read_text() == "1,2\n"
+
+
+def foreign_copy(adapter_dir, destination):
+    """A run's adapter as another tool would leave it: peft's two files, no tokenizer, no edgetune provenance."""
+    destination.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(adapter_dir / name, destination / name)
+    return destination
+
+
+def test_a_checkpoint_exports_the_weights_of_its_step(tiny_runs, tmp_path, capsys):
+    """The last checkpoint of the tiny runs is their final step, so both exports hold the same weights."""
+    checkpoint = tiny_runs["nf4"] / "checkpoints" / "step-000003"
+    code, out, err = run_cli(capsys, str(checkpoint), "--merged", str(tmp_path / "from-step"), "--dtype", "fp32")
+    assert code == 0, err
+    assert run_cli(capsys, str(tiny_runs["nf4"]), "--merged", str(tmp_path / "from-run"), "--dtype", "fp32")[0] == 0
+    weights = [(tmp_path / name / "model.safetensors").read_bytes() for name in ("from-step", "from-run")]
+    assert weights[0] == weights[1]
+    record = json.loads((tmp_path / "from-step" / "edgetune_export.json").read_text())
+    assert (
+        record["weights_dir"] == str((checkpoint / "adapter").resolve())
+        and record["strategy"] == "scaled-adamw-qlora-gc"
+    )
+
+
+def test_a_foreign_adapter_exports_with_its_base(tiny_runs, tiny_trainable_dir, tmp_path, capsys):
+    adapter = foreign_copy(tiny_runs["bf16"] / "adapter", tmp_path / "elsewhere")
+    code, out, err = run_cli(
+        capsys, str(adapter), "--base", str(tiny_trainable_dir), "--merged", str(tmp_path / "m"), "--json"
+    )
+    assert code == 0, err
+    assert f"rank-16 LoRA adapter trained on {tiny_trainable_dir.resolve()}, used on {tiny_trainable_dir}" in err
+    result = json.loads(out)
+    assert result["strategy"] == "peft-adapter" and all(check["passed"] for check in result["merged"]["checks"])
+
+
+def test_a_foreign_adapter_needs_a_base_and_a_run_refuses_one(tiny_runs, tiny_trainable_dir, tmp_path, capsys):
+    adapter = foreign_copy(tiny_runs["bf16"] / "adapter", tmp_path / "elsewhere")
+    code, _, err = run_cli(capsys, str(adapter), "--merged", str(tmp_path / "m"))
+    assert_one_line_error(
+        code, err, "is a peft adapter folder", f"pass --base MODEL (the adapter names {tiny_trainable_dir.resolve()})"
+    )
+    code, _, err = run_cli(
+        capsys, str(tiny_runs["bf16"]), "--base", str(tiny_trainable_dir), "--merged", str(tmp_path / "m")
+    )
+    assert_one_line_error(code, err, "names the base it was trained on", "drop --base")
+    code, _, err = run_cli(
+        capsys, str(tiny_runs["full"] / "checkpoints" / "step-000003"), "--merged", str(tmp_path / "m")
+    )
+    assert_one_line_error(code, err, "mezo-full run, whose checkpoints hold weights for resume only")
+    assert not (tmp_path / "m").exists()

@@ -85,6 +85,7 @@ def test_an_adapter_of_a_local_folder_names_the_folders_absolute_path(tmp_path, 
         "kind": "folder",
         "base_model_name_or_path": str(tiny_trainable_dir.resolve()),
         "revision": None,
+        "strategy": "adafish-lora",
     }
 
 
