@@ -133,7 +133,8 @@ def markdown(result: dict) -> str:
         "",
         f"Produced by `python bench/gguf_llamacpp.py RUN_DIR --llama-simple build/bin/llama-simple` "
         f"({result['date']}), {len(PROMPTS)} prompts, {result['tokens']} greedy tokens each; "
-        f"torch (float32 base + adapters, KV cache, {result['threads_torch']} threads): {result['torch_tokens_per_second']:.1f} tokens/s.",
+        f"torch (float32 base + adapters, KV cache, {result['threads_torch']} threads): "
+        f"{result['torch_tokens_per_second']:.1f} tokens/s.",
         "",
         "| type | MiB | identical continuations | tokens agreeing before the first difference | llama.cpp tokens/s |",
         "|---|---:|---:|---:|---:|",
