@@ -322,6 +322,10 @@ class HiZOO(torch.optim.Optimizer):
         self.log.append(record)
         return value
 
+    def work_buffers(self) -> list[torch.Tensor]:
+        """The reusable perturbation buffers, which live across steps but are scratch, not state (never saved)."""
+        return [buffer for slots in self._work.values() for _, buffer in slots]
+
     def close(self) -> None:
         """End the worker threads; a later step starts them again (they also end with the optimizer)."""
         if self._pool is not None:

@@ -112,13 +112,18 @@ def _backprop_phases(spec, strategy: Backprop, run, shapes, gradient_total: int,
     kept = checkpoints if strategy.checkpointing else layer * spec.num_layers
     gradients = Component("gradients", gradient_total, True, _gradient_note(strategy, stack))
     activations = Component("activations", kept, False, _activation_note(strategy, spec, stack))
+    # bitsandbytes' 4-bit backward dequantizes one weight to 16 bits for the input gradient (33.5 MiB measured for
+    # an 8192 x 2048 layer on CPU, bench/results/planner_measured_chunked.json).
+    dequantized = 2 * spec.largest_linear_params if strategy.base == "nf4" else 0
     return {
         "loss": (activations, loss_component(spec, strategy, run, stack, backprop=True)),
         "backward": (
             gradients,
             activations
             if not strategy.checkpointing
-            else Component("activations", checkpoints + layer, False, "checkpoints plus one recomputed layer"),
+            else Component(
+                "activations", checkpoints + layer + dequantized, False, "checkpoints plus one recomputed layer"
+            ),
         ),
         "optimizer step": (
             gradients,

@@ -342,7 +342,8 @@ def _nvml_used_bytes(index: int) -> int | None:
 
 
 def resident_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
-    """Bytes of the tensors that live across steps: parameters, buffers, quantization state, optimizer state.
+    """Bytes of the tensors that live across steps: parameters, buffers, quantization state, optimizer state and
+    work buffers.
 
     Each storage is counted once, so tied weights and views are not double counted. Together with a
     ``MemoryProbe`` around a step (which sees only what the step allocates) this gives the step's total.
@@ -355,6 +356,8 @@ def resident_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer | No
         for state in optimizer.state.values():
             values = state.values() if isinstance(state, dict) else [state]
             tensors += [value for value in values if isinstance(value, torch.Tensor)]
+        # HiZOO's perturbation buffers outlive a step but are not optimizer state; the planner prices them apart.
+        tensors += list(getattr(optimizer, "work_buffers", list)())
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
     return sum(storages.values())
 
