@@ -205,6 +205,7 @@ def export(
     dtype: str = "bf16",
     overwrite: bool = False,
     external_data: bool | None = None,
+    onnx_int8: bool = False,
     on_event: Callable[[str], None] | None = None,
 ):
     """Export a finished run as a merged Hugging Face folder and/or a verified ONNX file.
@@ -225,5 +226,6 @@ def export(
             dtype=dtype,
             overwrite=overwrite,
             external_data=external_data,
+            onnx_int8=onnx_int8,
             on_event=on_event,
         )

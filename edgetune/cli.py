@@ -375,7 +375,12 @@ def _add_export(commands: argparse._SubParsersAction, common: argparse.ArgumentP
     )
     sub.add_argument("run_dir", metavar="RUN_DIR", help="the output folder of `edgetune train`")
     sub.add_argument("--merged", metavar="OUT_DIR", help="write the merged model here (safetensors, config, tokenizer)")
-    sub.add_argument("--onnx", metavar="OUT.onnx", help="write an ONNX graph (input ids, attention mask -> logits)")
+    sub.add_argument(
+        "--onnx", metavar="OUT.onnx", help="write an ONNX graph with a KV cache (past_key_values in, present out)"
+    )
+    sub.add_argument(
+        "--onnx-int8", action="store_true", help="also write OUT.int8.onnx, onnxruntime's dynamic int8 quantization"
+    )
     sub.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="merged weights (default bf16)")
     sub.add_argument("--external-data", action="store_true", help="ONNX weights in OUT.onnx.data (automatic >1.5 GiB)")
     sub.add_argument("--overwrite", action="store_true", help="replace existing outputs once the new ones pass")
@@ -393,6 +398,7 @@ def _run_export(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         overwrite=args.overwrite,
         external_data=True if args.external_data else None,
+        onnx_int8=args.onnx_int8,
         on_event=lambda message: print(message, file=sys.stderr, flush=True),
     )
     _emit(args.json, result.to_dict(), lambda: export_summary(result))

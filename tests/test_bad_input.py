@@ -74,6 +74,12 @@ def parquet_file(ctx) -> str:
     return str(ctx.tmp / "t.parquet")
 
 
+def beside_an_int8_file(ctx) -> str:
+    """An ONNX path whose int8 companion (m.int8.onnx) already exists."""
+    (ctx.tmp / "m.int8.onnx").write_text("an earlier export")
+    return str(ctx.tmp / "m.onnx")
+
+
 def foreign_folder(ctx, name: str, marker: str | None = None) -> str:
     folder = ctx.tmp / name
     (folder / "sub").mkdir(parents=True)
@@ -350,6 +356,17 @@ CASES = [
     Case("export-wrong-suffix", lambda c: ["export", str(c.run), "--onnx", str(c.tmp / "m.txt")], ".onnx"),
     Case("export-unknown-dtype", lambda c: ["export", str(c.run), "--dtype", "fp8"], "invalid choice: 'fp8'"),
     Case("export-into-the-cache", lambda c: ["export", str(c.run), "--merged", str(cache_dir() / "x")], "model cache"),
+    Case("export-int8-without-onnx", lambda c: ["export", str(c.run), "--onnx-int8"], "--onnx-int8 needs --onnx"),
+    Case(
+        "export-int8-with-merged-only",
+        lambda c: ["export", str(c.run), "--merged", str(c.tmp / "m"), "--onnx-int8"],
+        "--onnx-int8 needs --onnx",
+    ),
+    Case(
+        "export-int8-file-exists",
+        lambda c: ["export", str(c.run), "--onnx", beside_an_int8_file(c), "--onnx-int8"],
+        "m.int8.onnx already exists",
+    ),
 ]
 
 

@@ -13,6 +13,7 @@ from edgetune.errors import EdgetuneError
 from edgetune.export.finished_run import open_finished_run
 from edgetune.export.merge import EXPORT_FILE, MergedExport, check_dtype, merge_run, write_merged
 from edgetune.export.onnx_export import OnnxExport, check_onnx_model_type, check_onnx_path, write_onnx
+from edgetune.export.onnx_int8 import int8_path
 from edgetune.export.staged_output import check_destination
 from edgetune.plan.sources import cache_dir, read_config_dict, resolve_model
 
@@ -45,6 +46,7 @@ def export(
     dtype: str = "bf16",
     overwrite: bool = False,
     external_data: bool | None = None,
+    onnx_int8: bool = False,
     on_event: Callable[[str], None] | None = None,
 ) -> ExportResult:
     """Export what ``edgetune train`` produced in ``run_dir``.
@@ -52,16 +54,21 @@ def export(
     Args:
         run_dir: an ``edgetune train`` output folder.
         merged_dir: write the merged model here as a Hugging Face folder (safetensors, config, tokenizer).
-        onnx_path: write an ONNX graph (input ids and attention mask to logits) here, verified with onnxruntime.
+        onnx_path: write an ONNX graph with a KV cache here (input ids, attention mask, position ids and past keys
+            and values to logits and present keys and values), verified with onnxruntime.
         dtype: the merged folder's weights: ``bf16`` (default), ``fp16`` or ``fp32``. ONNX is always float32.
         overwrite: replace existing outputs (only once the new ones passed their checks).
         external_data: ONNX weights in a ``.data`` file next to the graph; None decides by size.
+        onnx_int8: also write onnxruntime's dynamic int8 quantization of the graph next to it as ``OUT.int8.onnx``,
+            with its own check (needs ``onnx_path``).
         on_event: called with one-line progress messages.
 
     Raises:
         EdgetuneError: nothing asked for, a bad run folder, an output that exists without ``overwrite``, an
             unsupported model type, or a failed numeric check.
     """
+    if onnx_int8 and onnx_path is None:
+        raise EdgetuneError("--onnx-int8 needs --onnx", "add --onnx OUT.onnx; the int8 file is written next to it")
     if merged_dir is None and onnx_path is None:
         raise EdgetuneError("nothing to export", "pass --merged OUT_DIR, --onnx OUT.onnx, or both")
     check_dtype(dtype)
@@ -69,6 +76,11 @@ def export(
     targets = [Path(p) for p in (merged_dir, onnx_path) if p is not None]
     if len(targets) == 2 and targets[0].resolve() == targets[1].resolve():
         raise EdgetuneError("--merged and --onnx name the same path", "give each output its own path")
+    int8_out = int8_path(Path(onnx_path)) if onnx_int8 else None
+    if int8_out is not None and merged_dir is not None and Path(merged_dir).resolve() == int8_out.resolve():
+        raise EdgetuneError(
+            f"--merged names {int8_out}, where --onnx-int8 writes", "give the merged folder another path"
+        )
     source = resolve_model(run.model_name, revision=run.revision, on_event=on_event)
     protected = {
         "the run folder": run.run_dir,
@@ -81,10 +93,12 @@ def export(
         check_onnx_path(Path(onnx_path))
         check_destination(Path(onnx_path), overwrite=overwrite, protected=protected, record=None)
         check_onnx_model_type(str(read_config_dict(source.config_file)["model_type"]))
+    if int8_out is not None:
+        check_destination(int8_out, overwrite=overwrite, protected=protected, record=None)
     merged = merge_run(run, on_event)
     merged_result = write_merged(merged, Path(merged_dir), dtype, on_event) if merged_dir is not None else None
     onnx_result = (
-        write_onnx(merged, Path(onnx_path), external_data=external_data, on_event=on_event)
+        write_onnx(merged, Path(onnx_path), external_data=external_data, int8=onnx_int8, on_event=on_event)
         if onnx_path is not None
         else None
     )
