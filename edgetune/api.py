@@ -208,6 +208,7 @@ def export(
     dtype: str = "bf16",
     overwrite: bool = False,
     external_data: bool | None = None,
+    onnx_int8: bool = False,
     on_event: Callable[[str], None] | None = None,
     base: str | None = None,
 ):
@@ -233,6 +234,7 @@ def export(
             dtype=dtype,
             overwrite=overwrite,
             external_data=external_data,
+            onnx_int8=onnx_int8,
             on_event=on_event,
             base=base,
         )

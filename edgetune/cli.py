@@ -382,7 +382,12 @@ def _add_export(commands: argparse._SubParsersAction, common: argparse.ArgumentP
     )
     sub.add_argument("--base", metavar="MODEL", help="the base model of a peft adapter folder trained elsewhere")
     sub.add_argument("--merged", metavar="OUT_DIR", help="write the merged model here (safetensors, config, tokenizer)")
-    sub.add_argument("--onnx", metavar="OUT.onnx", help="write an ONNX graph (input ids, attention mask -> logits)")
+    sub.add_argument(
+        "--onnx", metavar="OUT.onnx", help="write an ONNX graph with a KV cache (past_key_values in, present out)"
+    )
+    sub.add_argument(
+        "--onnx-int8", action="store_true", help="also write OUT.int8.onnx, onnxruntime's dynamic int8 quantization"
+    )
     sub.add_argument(
         "--gguf", metavar="OUT.gguf", help="write a GGUF for llama.cpp and a Modelfile for Ollama beside it"
     )
@@ -411,6 +416,7 @@ def _run_export(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         overwrite=args.overwrite,
         external_data=True if args.external_data else None,
+        onnx_int8=args.onnx_int8,
         on_event=lambda message: print(message, file=sys.stderr, flush=True),
         base=args.base,
     )

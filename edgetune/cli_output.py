@@ -121,10 +121,18 @@ def export_summary(result) -> str:
             f"exported in {onnx.export_seconds:.0f} s)"
         )
         lines.append(f"  {onnx.logits.describe()}")
+        lines.append(f"  {onnx.cached_logits.describe()}")
         lines.append(
-            f"  greedy {len(onnx.greedy_torch)} tokens identical in torch and onnxruntime "
-            f"({onnx.onnx_seconds_per_token * 1000:.0f} ms/token in onnxruntime, no KV cache)"
+            f"  greedy {len(onnx.greedy_torch)} tokens with the KV cache identical to torch's generate "
+            f"({onnx.onnx_seconds_per_token * 1000:.0f} ms/token in onnxruntime)"
         )
+        if onnx.int8 is not None:
+            int8 = onnx.int8
+            lines.append(
+                f"int8 ONNX model: {int8.path} ({int8.size_bytes / 2**20:,.0f} MiB, {int8.int8_matmuls} MatMuls int8, "
+                f"{int8.float_matmuls} kept float32)"
+            )
+            lines.append(f"  {int8.describe()}")
     if result.gguf is not None:
         gguf = result.gguf
         types = ", ".join(f"{count} {kind}" for kind, count in gguf.tensor_types.items())

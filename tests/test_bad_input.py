@@ -74,6 +74,12 @@ def parquet_file(ctx) -> str:
     return str(ctx.tmp / "t.parquet")
 
 
+def beside_an_int8_file(ctx) -> str:
+    """An ONNX path whose int8 companion (m.int8.onnx) already exists."""
+    (ctx.tmp / "m.int8.onnx").write_text("an earlier export")
+    return str(ctx.tmp / "m.onnx")
+
+
 def foreign_folder(ctx, name: str, marker: str | None = None) -> str:
     folder = ctx.tmp / name
     (folder / "sub").mkdir(parents=True)
@@ -423,6 +429,17 @@ CASES = [
         "export-gguf-same-path-as-onnx",
         lambda c: ["export", str(c.run), "--gguf", str(c.tmp / "m.gguf"), "--onnx", str(c.tmp / "m.gguf")],
         "name the same path",
+    ),
+    Case("export-int8-without-onnx", lambda c: ["export", str(c.run), "--onnx-int8"], "--onnx-int8 needs --onnx"),
+    Case(
+        "export-int8-with-merged-only",
+        lambda c: ["export", str(c.run), "--merged", str(c.tmp / "m"), "--onnx-int8"],
+        "--onnx-int8 needs --onnx",
+    ),
+    Case(
+        "export-int8-file-exists",
+        lambda c: ["export", str(c.run), "--onnx", beside_an_int8_file(c), "--onnx-int8"],
+        "m.int8.onnx already exists",
     ),
 ]
 

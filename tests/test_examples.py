@@ -41,9 +41,11 @@ def test_plan_then_train(tiny_trainable_dir, tmp_path):
 
 
 def test_export_onnx_generates_with_onnxruntime(tiny_runs, tmp_path):
-    out = run_example("export_onnx.py", str(tiny_runs["nf4"]), "--out", "exp/model.onnx", "--tokens", "5", cwd=tmp_path)
-    assert (tmp_path / "exp" / "model.onnx").is_file()
-    assert "greedy 20 tokens identical" in out and "onnxruntime (" in out
+    args = (str(tiny_runs["nf4"]), "--out", "exp/model.onnx", "--tokens", "5", "--int8")
+    out = run_example("export_onnx.py", *args, cwd=tmp_path)
+    assert (tmp_path / "exp" / "model.onnx").is_file() and (tmp_path / "exp" / "model.int8.onnx").is_file()
+    assert "greedy 20 tokens with the KV cache identical" in out
+    assert "onnxruntime, model.onnx (" in out and "onnxruntime, model.int8.onnx (" in out
 
 
 @pytest.mark.default_model

@@ -103,3 +103,17 @@ def torch_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torc
     device = next(model.parameters()).device
     inputs = {key: value.to(device) for key, value in batch.items()}
     return model(**inputs, use_cache=False).logits.float().cpu()
+
+
+@torch.no_grad()
+def torch_greedy(model: torch.nn.Module, prompt: torch.Tensor, tokens: int) -> list[int]:
+    """``tokens`` greedy tokens from torch's own ``generate`` with its KV cache, never stopping early at eos."""
+    from transformers import GenerationConfig
+
+    # A fresh config: the model's own may sample or penalise repeats. An empty eos list (None would be filled in
+    # from the model's generation config) keeps generate from stopping early or from banning eos via min_new_tokens.
+    config = GenerationConfig(do_sample=False, max_new_tokens=tokens, eos_token_id=[], pad_token_id=0)
+    device = next(model.parameters()).device
+    prompt = prompt.to(device)
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=config)
+    return out[0, prompt.shape[1] :].tolist()

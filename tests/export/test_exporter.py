@@ -33,12 +33,14 @@ def run_copy(tiny_runs, tmp_path):
 
 def test_merged_and_onnx_in_one_call_print_their_checks(tiny_runs, tmp_path, capsys):
     code, out, err = run_cli(
-        capsys, str(tiny_runs["nf4"]), "--merged", str(tmp_path / "m"), "--onnx", str(tmp_path / "m.onnx")
+        capsys,
+        *(str(tiny_runs["nf4"]), "--merged", str(tmp_path / "m"), "--onnx", str(tmp_path / "m.onnx"), "--onnx-int8"),
     )
     assert code == 0, err
-    assert "merged bf16 model:" in out and "ONNX model:" in out
-    assert "greedy 20 tokens identical" in out and "FAILED" not in out
+    assert "merged bf16 model:" in out and "ONNX model:" in out and "int8 ONNX model:" in out
+    assert "greedy 20 tokens with the KV cache identical" in out and "FAILED" not in out
     assert (tmp_path / "m" / "model.safetensors").is_file() and (tmp_path / "m.onnx").is_file()
+    assert (tmp_path / "m.int8.onnx").is_file()
 
 
 def test_json_output_has_every_figure(tiny_runs, tmp_path, capsys):
