@@ -110,6 +110,7 @@ def main() -> None:
                     "identical_continuations": identical,
                     "prompts": len(PROMPTS),
                     "mean_agreeing_share": sum(shares) / len(shares),
+                    "agreeing_share_by_prompt": dict(zip(PROMPTS, shares, strict=True)),
                     "llamacpp_tokens_per_second": sum(speeds) / len(speeds),
                 }
             )
