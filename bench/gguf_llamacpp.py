@@ -11,9 +11,10 @@ Debian 12 has), built with the compilers here; only its `llama-simple` example i
 
 For each type the run is exported with `edgetune export --gguf`, then every prompt is continued greedily for
 `--tokens` tokens by llama.cpp (`llama-simple`, greedy sampling) and by torch (the run's base with its adapters,
-float32, `generate` with a KV cache). Agreement is measured on the generated token ids (llama.cpp's text is
-re-tokenized with the run's tokenizer): identical continuations, and the mean share of tokens before the first
-difference. Writes bench/results/gguf_llamacpp.{json,md}.
+float32, `generate` with a KV cache), and by torch on the file's own weights as transformers' GGUF loader
+dequantizes them (separating what the quantized weights change from what llama.cpp computes). Agreement is
+measured on the generated token ids (llama.cpp's text is re-tokenized with the run's tokenizer): identical
+continuations, and the mean share of tokens before the first difference. Writes bench/results/gguf_llamacpp.{json,md}.
 """
 
 import argparse
@@ -30,6 +31,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from transformers import AutoModelForCausalLM  # noqa: E402
+
 from edgetune import api  # noqa: E402
 
 PROMPTS = (
@@ -42,14 +45,14 @@ PROMPTS = (
 SPEED = re.compile(r"decoded (\d+) tokens in ([0-9.]+) s, speed: ([0-9.]+) t/s")
 
 
-def torch_continuations(chat, tokens: int) -> tuple[list[list[int]], float]:
+def torch_continuations(model, tokenizer, tokens: int) -> tuple[list[list[int]], float]:
     """Greedy continuations of each prompt by torch, and generated tokens per second."""
     results, generated, seconds = [], 0, 0.0
     for prompt in PROMPTS:
-        ids = chat.tokenizer(prompt, return_tensors="pt")["input_ids"]
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
         started = time.perf_counter()
         with torch.no_grad():
-            out = chat.model.generate(
+            out = model.generate(
                 input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, do_sample=False
             )
         seconds += time.perf_counter() - started
@@ -88,19 +91,24 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32)
     args = parser.parse_args()
     chat = api.open_chat(args.run_dir, device="cpu")
-    reference, torch_speed = torch_continuations(chat, args.tokens)
+    reference, torch_speed = torch_continuations(chat.model, chat.tokenizer, args.tokens)
     rows = []
     with tempfile.TemporaryDirectory(prefix="edgetune-gguf-") as scratch:
         for gguf_type in args.types.split(","):
             gguf = Path(scratch) / gguf_type / "model.gguf"
             api.export(args.run_dir, gguf_path=gguf, gguf_type=gguf_type)
-            shares, identical, speeds = [], 0, []
-            for prompt, expected in zip(PROMPTS, reference, strict=True):
+            # The same file's weights dequantized by transformers' GGUF loader, run by torch in float32: what
+            # llama.cpp should produce if the file is right, apart from its own arithmetic.
+            own = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+            own_reference, _ = torch_continuations(own, chat.tokenizer, args.tokens)
+            shares, own_shares, identical, speeds = [], [], 0, []
+            for prompt, expected, own_expected in zip(PROMPTS, reference, own_reference, strict=True):
                 text, speed = llamacpp_continuation(args.llama_simple, gguf, prompt, args.tokens)
                 ids = chat.tokenizer(prompt + text, add_special_tokens=False)["input_ids"]
                 prompt_ids = chat.tokenizer(prompt, add_special_tokens=False)["input_ids"]
                 produced = ids[len(prompt_ids) : len(prompt_ids) + len(expected)]
                 shares.append(agreement(expected, produced))
+                own_shares.append(agreement(own_expected, produced))
                 identical += produced == expected
                 speeds.append(speed)
             rows.append(
@@ -111,6 +119,7 @@ def main() -> None:
                     "prompts": len(PROMPTS),
                     "mean_agreeing_share": sum(shares) / len(shares),
                     "agreeing_share_by_prompt": dict(zip(PROMPTS, shares, strict=True)),
+                    "agreeing_share_with_own_weights": sum(own_shares) / len(own_shares),
                     "llamacpp_tokens_per_second": sum(speeds) / len(speeds),
                 }
             )
@@ -137,13 +146,15 @@ def markdown(result: dict) -> str:
         f"torch (float32 base + adapters, KV cache, {result['threads_torch']} threads): "
         f"{result['torch_tokens_per_second']:.1f} tokens/s.",
         "",
-        "| type | MiB | identical continuations | tokens agreeing before the first difference | llama.cpp tokens/s |",
-        "|---|---:|---:|---:|---:|",
+        "| type | MiB | identical continuations | tokens agreeing before the first difference | same, against torch on "
+        "the file's own dequantized weights | llama.cpp tokens/s |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for row in result["rows"]:
         lines.append(
             f"| {row['type']} | {row['size_bytes'] / 2**20:.0f} | {row['identical_continuations']} / {row['prompts']} "
-            f"| {100 * row['mean_agreeing_share']:.0f}% | {row['llamacpp_tokens_per_second']:.1f} |"
+            f"| {100 * row['mean_agreeing_share']:.0f}% | {100 * row['agreeing_share_with_own_weights']:.0f}% "
+            f"| {row['llamacpp_tokens_per_second']:.1f} |"
         )
     return "\n".join(lines) + "\n"
 
