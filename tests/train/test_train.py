@@ -111,7 +111,9 @@ def test_resident_memory_counts_the_weights_and_the_optimizer_state(backprop_run
     resident = [info.memory["resident_bytes"] for info in backprop_run.history]
     assert resident[0] >= base_bf16_bytes + lora_bytes
     assert resident[1] > resident[0] and len(set(resident[1:])) == 1  # optimizer state appears at step 1
-    assert len({info.memory["resident_bytes"] for info in zo_run.history}) == 1  # MeZO keeps no state
+    # MeZO keeps no state; its reusable perturbation buffer appears in the first step and never grows.
+    zo = [info.memory["resident_bytes"] for info in zo_run.history]
+    assert len(set(zo[1:])) == 1 and 0 <= zo[1] - zo[0] <= 2**20
 
 
 def test_summary_has_plan_versus_measured_and_a_memory_png(run):

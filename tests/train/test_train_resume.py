@@ -413,10 +413,10 @@ def test_a_full_disk_while_checkpointing_keeps_the_earlier_checkpoints(tiny_trai
 
     run_dir, real = tmp_path / "run", checkpoint._write_payload
 
-    def fill_up(folder, tensors, state):
+    def fill_up(folder, tensors, state, *rest):
         if state["step"] == 3:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(folder, tensors, state)
+        return real(folder, tensors, state, *rest)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(checkpoint, "_write_payload", fill_up)
