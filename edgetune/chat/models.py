@@ -82,10 +82,10 @@ def open_chat_model(
 def _run(folder: Path, base: str | None, device: torch.device, notify: Callable[[str], None]) -> ChatModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from edgetune.export.finished_run import check_same_base
+    from edgetune.export.finished_run import check_same_base, load_run_tokenizer
     from edgetune.export.merge import dequantized_float32
     from edgetune.export.open_weights import open_weights
-    from edgetune.train.loading import load_base, load_tokenizer
+    from edgetune.train.loading import load_base
 
     run = open_weights(folder, base=base)
     if not run.is_lora:
@@ -97,9 +97,7 @@ def _run(folder: Path, base: str | None, device: torch.device, notify: Callable[
 
     source = resolve_model(run.model_name, revision=run.revision, on_event=notify)
     check_same_base(run, source, notify)
-    # A run's adapters carry the tokenizer with its chat template; an adapter from elsewhere may come without one.
-    has_tokenizer = (run.weights_dir / "tokenizer_config.json").is_file()
-    tokenizer = AutoTokenizer.from_pretrained(run.weights_dir) if has_tokenizer else load_tokenizer(source)
+    tokenizer = load_run_tokenizer(run, source)
     on_cpu = device.type == "cpu"
     notify(f"loading {run.model_name} ({'float32' if on_cpu else run.strategy.base}) with the adapters of {folder}")
     base = load_base(source, "fp32" if on_cpu and run.strategy.base != "nf4" else run.strategy.base, device=device)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgetune.errors import EdgetuneError
+from edgetune.export.finished_run import tokenizer_dir
 from edgetune.export.gguf_export import GgufExport, check_gguf_request, check_rope, plan_gguf, write_gguf
 from edgetune.export.merge import EXPORT_FILE, MergedExport, check_dtype, merge_run, write_merged
 from edgetune.export.onnx_export import OnnxExport, check_onnx_model_type, check_onnx_path, write_onnx
@@ -108,10 +109,10 @@ def export(
             Path(gguf_path), gguf_type, str(config["model_type"]), overwrite=overwrite, protected=protected
         )
         check_rope(config)
-        # The tokenizer training saved (with the chat template it rendered) beside the weights, else the base's.
-        tokenizer_dir = run.weights_dir if (run.weights_dir / "tokenizer.json").is_file() else source.path
         base_dir = protected["the base model's folder"]
-        gguf_plan = plan_gguf(Path(gguf_path), gguf_type, tokenizer_dir, base_dir, int(config["vocab_size"]))
+        gguf_plan = plan_gguf(
+            Path(gguf_path), gguf_type, tokenizer_dir(run, source), base_dir, int(config["vocab_size"])
+        )
     merged = merge_run(run, on_event)
     merged_result = write_merged(merged, Path(merged_dir), dtype, on_event) if merged_dir is not None else None
     onnx_result = (

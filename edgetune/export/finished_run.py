@@ -98,6 +98,22 @@ def _trained_revision(weights_dir: Path, run_dir: Path) -> str | None:
     return revision if isinstance(revision, str) else None
 
 
+def tokenizer_dir(run: FinishedRun, source: ModelSource) -> Path:
+    """The tokenizer a run's weights go with: the one training saved beside them (with the chat template it
+    rendered, which the base's may lack), else the base's (a peft adapter from elsewhere may come without one)."""
+    return run.weights_dir if (run.weights_dir / "tokenizer_config.json").is_file() else source.path
+
+
+def load_run_tokenizer(run: FinishedRun, source: ModelSource):  # -> transformers.PreTrainedTokenizerBase
+    """The tokenizer of ``tokenizer_dir``; the base's gets a pad token as training gave it one."""
+    from transformers import AutoTokenizer
+
+    from edgetune.train.loading import load_tokenizer
+
+    folder = tokenizer_dir(run, source)
+    return AutoTokenizer.from_pretrained(folder) if folder == run.weights_dir else load_tokenizer(source)
+
+
 def check_same_base(run: FinishedRun, source: ModelSource, on_event: Callable[[str], None] | None = None) -> None:
     """Refuse a base whose config changed since training: the adapters would be merged into another model.
 

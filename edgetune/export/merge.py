@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from edgetune.errors import EdgetuneError
-from edgetune.export.finished_run import FinishedRun, check_same_base
+from edgetune.export.finished_run import FinishedRun, check_same_base, load_run_tokenizer
 from edgetune.export.logit_checks import LogitCheck, compare_logits, largest_kept_logit, sample_batch, torch_logits
 from edgetune.export.staged_output import staged
 from edgetune.plan.sources import resolve_model
@@ -87,15 +87,11 @@ def merge_run(run: FinishedRun, on_event: Callable[[str], None] | None = None) -
         EdgetuneError: the base model cannot be found or changed since training, or the merge check fails.
     """
     notify = on_event or logger.info
-    from transformers import AutoTokenizer
-
-    from edgetune.train.loading import load_base, load_tokenizer
+    from edgetune.train.loading import load_base
 
     source = resolve_model(run.model_name, revision=run.revision, on_event=notify)
     check_same_base(run, source, notify)
-    # The run saved its tokenizer with the chat template it trained with (data.chat_template); the base's may lack it.
-    saved = (run.weights_dir / "tokenizer_config.json").is_file()
-    tokenizer = AutoTokenizer.from_pretrained(run.weights_dir) if saved else load_tokenizer(source)
+    tokenizer = load_run_tokenizer(run, source)
     batch = sample_batch(tokenizer)
     notify(f"loading the {run.strategy.base} base of {run.run_dir} as it was trained")
     mask = batch["attention_mask"]
