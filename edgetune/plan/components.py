@@ -16,10 +16,10 @@ Generation (``Inference``) has one phase: the KV cache plus one forward's workin
 from edgetune.plan import calibration
 from edgetune.plan.inventory import ModelSpec, lora_params, lora_shapes, nf4_bytes
 from edgetune.plan.loss_memory import loss_chunk_positions, loss_component
-from edgetune.plan.optimizer_memory import DTYPE_BYTES, gradient_bytes, state_bytes, step_temporary_bytes
+from edgetune.plan.optimizer_memory import gradient_bytes, state_bytes, step_temporary_bytes
 from edgetune.plan.plan_types import Component, Estimate, RunShape
 from edgetune.plan.stacks import EDGETUNE_CPU, EDGETUNE_CUDA, Stack
-from edgetune.plan.strategies import Backprop, Inference, Strategy, ZerothOrder, resolve_targets
+from edgetune.plan.strategies import DTYPE_BYTES, Backprop, Inference, Strategy, ZerothOrder, resolve_targets
 
 __all__ = [
     "EDGETUNE_CPU",
@@ -156,7 +156,7 @@ def _inference_phases(spec, strategy: Inference, run, stack: Stack):
     calibrated, within 2% of a measured no-grad prefill in tests/plan/test_components.py. Generation computes the
     logits of the last position only, in fp32. A 4-bit base dequantizes one weight at a time to 16 bits.
     """
-    compute = 4 if strategy.base == "fp32" else 2
+    compute = DTYPE_BYTES.get(strategy.base, 2)  # a 4-bit base computes in 16 bits
     kv = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * run.tokens * compute
     working = compute * run.tokens * (4 * spec.hidden_size + 3 * spec.intermediate_size)
     logits = run.batch_size * spec.vocab_size * (compute + 4)

@@ -9,9 +9,7 @@ from edgetune.plan import calibration
 from edgetune.plan.inventory import ModelSpec
 from edgetune.plan.plan_types import Component, RunShape
 from edgetune.plan.stacks import Stack
-from edgetune.plan.strategies import Strategy
-
-HEAD_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+from edgetune.plan.strategies import DTYPE_BYTES, Strategy
 
 
 def loss_chunk_positions(vocab_size: int) -> int:
@@ -25,7 +23,7 @@ def loss_chunk_positions(vocab_size: int) -> int:
 
 def head_bytes(strategy: Strategy, stack: Stack) -> int:
     """Bytes per head weight, hence per logit the head produces: NF4 bases keep the head unquantized."""
-    return stack.unquantized_bytes if strategy.base == "nf4" else HEAD_BYTES[strategy.base]
+    return stack.unquantized_bytes if strategy.base == "nf4" else DTYPE_BYTES[strategy.base]
 
 
 def loss_component(spec: ModelSpec, strategy: Strategy, run: RunShape, stack: Stack, *, backprop: bool) -> Component:

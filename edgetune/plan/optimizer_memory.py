@@ -9,9 +9,8 @@ from the update's code and are bounds.
 from edgetune.plan import calibration
 from edgetune.plan.inventory import ModelSpec, lora_params
 from edgetune.plan.stacks import Stack
-from edgetune.plan.strategies import Backprop, Strategy, ZerothOrder
+from edgetune.plan.strategies import DTYPE_BYTES, Backprop, Strategy, ZerothOrder
 
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 # bitsandbytes keeps tensors below min_8bit_size (4096 elements) in 32-bit state and quantizes the rest blockwise
 # (256 values per fp32 absmax): bitsandbytes/optim/optimizer.py, Optimizer8bit.init_state.
 BNB_MIN_8BIT_NUMEL = 4096

@@ -143,9 +143,8 @@ def _checkpointing(options: RunOptions, stack: Stack) -> Checkpointing:
         return options.checkpointing
     if options.optimizer in ZEROTH_ORDER or options.method == "inference":
         return "off"
-    # peft's prepare_model_for_kbit_training turns checkpointing on for QLoRA even where the Trainer leaves it off.
-    if stack.name in ("hf", "axolotl") and (options.method == "qlora" or options.precision == "nf4"):
-        return "on"
+    if stack.kbit_checkpointing is not None and (options.method == "qlora" or options.precision == "nf4"):
+        return stack.kbit_checkpointing
     return stack.default_checkpointing
 
 

@@ -44,6 +44,7 @@ class Stack:
         loss_chunks: with loss "chunked", the number of equal chunks (torchtune: 8).
         loss_chunk_positions: with loss "chunked", positions per chunk (litgpt: 128).
         default_checkpointing: what the tool's default recipe does when the run does not say.
+        kbit_checkpointing: the same for a 4-bit base, where the tool's recipe differs (None: as above).
         activation_scale: saved activations relative to edgetune's measured Llama block (fused kernels < 1,
             implementations that keep more tensors > 1); calibrated against the tool's published peaks.
         quantized_matmul_saves_input: bitsandbytes before bitsandbytes #1270 (mid 2024) kept the 16-bit input of
@@ -66,6 +67,7 @@ class Stack:
     loss_chunks: int = 0
     loss_chunk_positions: int = 0
     default_checkpointing: Checkpointing = "on"
+    kbit_checkpointing: Checkpointing | None = None
     activation_scale: float = 1.0
     quantized_matmul_saves_input: bool = False
     optimizer_in_backward: bool = False
@@ -102,6 +104,7 @@ STACKS: dict[str, Stack] = {
         loss="full",
         logits_bytes_backprop=calibration.HF_LOGITS_BYTES_BACKPROP,
         default_checkpointing="off",
+        kbit_checkpointing="on",
     ),
     # torchtune: adapters in the model's bf16 (modules/peft/lora.py), NF4 from torchao with its scales quantized
     # to int8 (as double quant), CEWithChunkedOutputLoss over 8 chunks whose bf16 logits all stay alive and are

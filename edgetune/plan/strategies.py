@@ -15,6 +15,8 @@ Precision = Literal["fp32", "bf16", "fp16", "nf4"]
 # What edgetune trains in; the planner also sizes fp16 for runs in other tools (``edgetune plan --precision``).
 PRECISIONS: tuple[Precision, ...] = ("fp32", "bf16", "nf4")
 PLAN_PRECISIONS: tuple[Precision, ...] = ("fp32", "bf16", "fp16", "nf4")
+# Bytes per element of the unquantized precisions (an NF4 base is priced by its layout, inventory.nf4_bytes).
+DTYPE_BYTES: dict[str, int] = {"fp32": 4, "bf16": 2, "fp16": 2}
 # edgetune's own optimizers, torch's AdamW and SGD, bitsandbytes' 8-bit and paged AdamW, transformers' Adafactor.
 BackpropOptimizer = Literal[
     "adafish", "scaled_adamw", "adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit", "adafactor", "sgd"
