@@ -59,7 +59,7 @@ WORKER = Path(__file__).resolve().parent / "gpu_check_worker.py"
 SMOLLM2 = "smollm2-135m"
 LLAMA_1B = "llama-3.2-1b-random"
 # The config fields that shape memory: SmolLM2-135M's config.json, and Llama-3.2-1B's less its rope_scaling (which
-# changes no tensor's size).
+# changes no tensor's size), as committed beside the CPU measurements.
 CONFIGS = {
     SMOLLM2: dict(
         model_type="llama",
@@ -74,19 +74,8 @@ CONFIGS = {
         rope_theta=100000.0,
         max_position_embeddings=8192,
     ),
-    LLAMA_1B: dict(
-        model_type="llama",
-        vocab_size=128256,
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=64,
-        tie_word_embeddings=True,
-        rope_theta=500000.0,
-        max_position_embeddings=131072,
-    ),
+    # The same random-weight shape bench/planner_measure.py measures on CPU.
+    LLAMA_1B: json.loads((Path(__file__).resolve().parent / "results" / "llama-3.2-1b-config.json").read_text()),
 }
 
 
