@@ -20,6 +20,11 @@ gradient arrives, so each capture lives from forward to backward: O(b·T·in) fl
 Under non-reentrant gradient checkpointing the forward runs twice; only the first forward's output is part of the
 graph that backward walks, so only its gradient hook fires and nothing is counted twice. A LoRA linear called twice
 in one forward (shared weights) would count as two backwards.
+
+Two switches let AdaFish gather statistics only when it uses them: ``armed`` (forward hooks capture inputs only while
+set: AdaFish disarms them on steps whose Fisher is not refreshed, ``fisher_every`` > 1, so those steps pin nothing) and
+``collecting`` (gradient hooks count only while set: the true Fisher, adafish_true_fisher.py, counts the backward of
+labels sampled from the model and not the data backward that follows it through the same graph).
 """
 
 import re
@@ -48,6 +53,8 @@ class PerSampleFisher:
         self._sums: dict[int, torch.Tensor] = {}  # id(weight) -> Σ over backwards of b² Σ_i G_i G_iᵀ (r x r)
         self._counts: dict[int, tuple[int, int]] = {}  # id(weight) -> (backwards, examples) since the last pop
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.armed = True  # forward hooks capture inputs (and so pin them until backward) only while True
+        self.collecting = True  # gradient hooks add to the statistics only while True
         for name, module in model.named_modules():
             match = _LORA_LINEAR.search(name)
             if match is None or not isinstance(module, nn.Linear):
@@ -91,7 +98,7 @@ class PerSampleFisher:
         """Build the forward hook of one LoRA linear."""
 
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            if not (torch.is_grad_enabled() and output.requires_grad):
+            if not (self.armed and torch.is_grad_enabled() and output.requires_grad):
                 return
             inputs = args[0].detach()
             key = id(module.weight)
@@ -102,6 +109,8 @@ class PerSampleFisher:
 
     def _accumulate(self, key: int, side: str, inputs: torch.Tensor, grad: torch.Tensor) -> None:
         """Add b²·Σ_i of the per-sample r x r products for one backward through one linear, and count it."""
+        if not self.collecting:
+            return
         batch = inputs.shape[0]
         x = inputs.reshape(batch, -1, inputs.shape[-1]).float()  # (b, T, in_features)
         dy = grad.reshape(batch, -1, grad.shape[-1]).float()  # (b, T, out_features)

@@ -15,12 +15,18 @@ gradients match the unchunked loss within 1e-5 relative in fp32 (``tests/train/t
 
 Models whose head is not a plain bias-free linear, or which scale or soft-cap their logits (Gemma 2/3, Cohere,
 Granite), use the model's own loss instead; ``supports_chunked_loss`` says which.
+
+``causal_lm_loss_and_sampled_grad`` also serves AdaFish's true Fisher (``edgetune.optim.adafish_true_fisher``) from
+the same forward: each chunk draws one label per position from the softmax it has just computed, and the gradient of
+the mean loss at those labels needs no second matmul, since (softmax − e_ŷ)·W/n = (softmax − e_y)·W/n + (W_y − W_ŷ)/n
+is the data gradient already formed plus two gathered rows of the head.
 """
 
 from typing import Any
 
 import torch
 
+from edgetune.optim.adafish_true_fisher import sample_labels
 from edgetune.plan.components import loss_chunk_positions
 from edgetune.train.tokens import IGNORE_INDEX
 
@@ -48,7 +54,42 @@ def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> to
     if not torch.is_grad_enabled() or not (selected.requires_grad or head.weight.requires_grad):
         total, count = loss_sum(selected, head.weight, targets, chunk)
         return total / max(count, 1)
-    return _ChunkedCrossEntropy.apply(selected, head.weight, targets, chunk)
+    return _ChunkedCrossEntropy.apply(selected, head.weight, targets, chunk, None)[0]
+
+
+def causal_lm_loss_and_sampled_grad(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``causal_lm_loss``, plus the gradient of the loss at labels drawn from the model, from one forward.
+
+    Args:
+        model: a causal LM, possibly wrapped by peft; grad must be enabled.
+        batch: as for ``causal_lm_loss``.
+        generator: draws one label ŷ per labelled position from the model's softmax there.
+
+    Returns:
+        ``(loss, output, sampled_grad)``: the differentiable mean loss at the batch's labels; a tensor of its graph
+        (the selected hidden states, or the logits of a model without the chunked loss); and the gradient with respect
+        to ``output`` of the mean loss at the drawn labels, (1/n) Σ_t −log p(ŷ_t), n the labelled positions.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not supports_chunked_loss(base):
+        outputs = model(**batch)
+        # Logit t predicts label t + 1, as transformers' loss shifts them.
+        selected = outputs.logits[:, :-1][batch["labels"][:, 1:] != IGNORE_INDEX]
+        with torch.no_grad():
+            grad = torch.softmax(selected.float(), dim=-1)
+            drawn = sample_labels(grad, generator)
+            grad[torch.arange(grad.shape[0], device=grad.device), drawn] -= 1.0
+            grad /= max(grad.shape[0], 1)
+        return outputs.loss, selected, grad.to(selected.dtype)
+    head = base.get_output_embeddings()
+    hidden = _final_hidden(base, batch)
+    selected, targets = _labelled(hidden, batch["labels"])
+    loss, sampled_grad = _ChunkedCrossEntropy.apply(
+        selected, head.weight, targets, loss_chunk_positions(head.weight.shape[0]), generator
+    )
+    return loss, selected, sampled_grad
 
 
 def supports_chunked_loss(base: torch.nn.Module) -> bool:
@@ -137,13 +178,26 @@ def _head_dtype_copy(probs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of ``hidden @ weight.T``; gradients computed chunk by chunk during the forward pass."""
+    """Mean cross-entropy of ``hidden @ weight.T``; gradients computed chunk by chunk during the forward pass.
+
+    Outputs the loss and, given a generator, the gradient with respect to ``hidden`` of the mean loss at labels drawn
+    from each position's softmax (an empty tensor without one; not differentiable either way).
+    """
 
     @staticmethod
-    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int):
+    def forward(
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        targets: torch.Tensor,
+        chunk: int,
+        generator: torch.Generator | None,
+    ):
         n = max(hidden.shape[0], 1)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        # The sampled-label gradient is the data one plus a correction, so it needs the data one even when unused.
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] or generator is not None else None
+        sampled_grad = torch.empty_like(hidden) if generator is not None else hidden.new_empty(0)
         # The head's gradient sums over every chunk, so it is kept in fp32 until backward.
         grad_weight = None
         if ctx.needs_input_grad[1]:
@@ -154,22 +208,28 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             total += (lse - picked).sum()
             # d(mean loss)/d(logits) = (softmax - one_hot) / n, computed in place over the chunk's fp32 buffer.
             probs = exp.div_(exp.sum(dim=1, keepdim=True))
+            drawn = sample_labels(probs, generator) if generator is not None else None
             probs[torch.arange(probs.shape[0], device=probs.device), target] -= 1.0
             grad_logits = _head_dtype_copy(probs.div_(n), weight)
             if grad_hidden is not None:
                 grad_hidden[start : start + chunk] = grad_logits @ weight
+            if drawn is not None:
+                # (softmax − e_ŷ)·W/n = (softmax − e_y)·W/n + (W_y − W_ŷ)/n: two gathered rows, no matmul.
+                rows = (weight.index_select(0, target).float() - weight.index_select(0, drawn).float()) / n
+                sampled_grad[start : start + chunk] = grad_hidden[start : start + chunk].float() + rows
             if grad_weight is not None:
                 grad_weight.addmm_(grad_logits.T.float(), part.float())
             del exp, probs, grad_logits
-        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.save_for_backward(grad_hidden if ctx.needs_input_grad[0] else None, grad_weight)
         ctx.weight_dtype = weight.dtype
-        return total / n
+        ctx.mark_non_differentiable(sampled_grad)
+        return total / n, sampled_grad
 
     @staticmethod
-    def backward(ctx: Any, grad_output: torch.Tensor):
+    def backward(ctx: Any, grad_output: torch.Tensor, _grad_sampled: torch.Tensor | None):
         grad_hidden, grad_weight = ctx.saved_tensors
         if grad_hidden is not None:
             grad_hidden = grad_hidden * grad_output.to(grad_hidden.dtype)
         if grad_weight is not None:
             grad_weight = (grad_weight * grad_output).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None
+        return grad_hidden, grad_weight, None, None, None

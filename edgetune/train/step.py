@@ -2,9 +2,12 @@
 
 The trainer and ``edgetune probe`` both call ``run_step``, so a probe measures exactly the step a run takes.
 Backprop strategies run forward and backward over every micro-batch (each loss divided by their number, so the
-gradients are those of the mean), clip the gradient norm and step the optimizer. Zeroth-order strategies hand
-the optimizer a closure of forward passes under ``no_grad``, with the model in eval mode: the perturbed losses
-must see the same network, and dropout in train mode would draw a different mask for each of them.
+gradients are those of the mean), clip the gradient norm and step the optimizer. On the steps where AdaFish takes a
+true Fisher, each micro-batch first backpropagates a second loss, at labels drawn from the model, through the same
+forward and into AdaFish's statistics only (``edgetune.optim.adafish_true_fisher`` says why it is done here).
+Zeroth-order strategies hand the optimizer a closure of forward passes under ``no_grad``, with the model in eval
+mode: the perturbed losses must see the same network, and dropout in train mode would draw a different mask for
+each of them.
 """
 
 import math
@@ -14,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from edgetune.plan.strategies import Strategy, ZerothOrder
-from edgetune.train.chunked_loss import causal_lm_loss
+from edgetune.train.chunked_loss import causal_lm_loss, causal_lm_loss_and_sampled_grad
 
 Batch = dict[str, torch.Tensor]
 
@@ -100,8 +103,14 @@ def run_step(
         loss, skipped = _forward_only_step(model, optimizer, micro_batches, check_memory)
         return StepOutcome(math.nan if skipped else loss, tokens, None, skipped)
     total = 0.0
+    fisher = _sampled_fisher(optimizer)
     for batch in micro_batches:
-        loss = causal_lm_loss(model, batch) / len(micro_batches)
+        if fisher is None:
+            loss = causal_lm_loss(model, batch) / len(micro_batches)
+        else:
+            loss, output, sampled_grad = causal_lm_loss_and_sampled_grad(model, batch, fisher.generator)
+            fisher.backward(output, sampled_grad / len(micro_batches))
+            loss = loss / len(micro_batches)
         loss.backward()
         check_memory()
         total += float(loss.detach())
@@ -114,6 +123,13 @@ def run_step(
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return StepOutcome(total, tokens, grad_norm, not finite)
+
+
+def _sampled_fisher(optimizer: torch.optim.Optimizer):
+    """AdaFish's true-Fisher request for this step, or None (other optimizers, other fisher modes, other steps)."""
+    from edgetune.optim import AdaFish
+
+    return optimizer.sampled_fisher() if isinstance(optimizer, AdaFish) else None
 
 
 def _forward_only_step(model, optimizer, micro_batches: Sequence[Batch], check_memory) -> tuple[float, bool]:

@@ -3,8 +3,15 @@ import torch
 from conftest import tiny_llama_config
 from transformers import LlamaForCausalLM
 
+from edgetune.optim.adafish_true_fisher import sample_labels
 from edgetune.train.batching import collate, collate_packed, pack
-from edgetune.train.chunked_loss import causal_lm_loss, loss_sum, streamed_loss_sum, supports_chunked_loss
+from edgetune.train.chunked_loss import (
+    causal_lm_loss,
+    causal_lm_loss_and_sampled_grad,
+    loss_sum,
+    streamed_loss_sum,
+    supports_chunked_loss,
+)
 from edgetune.train.loading import LoraSettings, attach_lora
 from edgetune.train.tokens import IGNORE_INDEX
 
@@ -109,3 +116,29 @@ def test_models_that_transform_their_logits_keep_their_own_loss():
     model.config.final_logit_softcapping = None
     model.lm_head = torch.nn.Linear(64, VOCAB, bias=True)
     assert not supports_chunked_loss(model)
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+def test_sampled_grad_is_the_gradient_of_the_loss_at_the_drawn_labels(small_chunks, monkeypatch, chunked):
+    """d/d(output) of mean −log p(ŷ) equals the returned gradient; the loss is causal_lm_loss's (several chunks, and
+    the logits path of models that keep their own loss)."""
+    import importlib
+
+    module = importlib.import_module("edgetune.train.chunked_loss")
+    drawn = []
+    monkeypatch.setattr(
+        module, "sample_labels", lambda probs, gen: drawn.append(sample_labels(probs, gen)) or drawn[-1]
+    )
+    if not chunked:
+        monkeypatch.setattr(module, "supports_chunked_loss", lambda base: False)
+    model = _model()
+    batch = collate(_batch(), pad_id=0)
+    loss, output, sampled_grad = causal_lm_loss_and_sampled_grad(model, batch, torch.Generator().manual_seed(0))
+    assert float(loss) == pytest.approx(float(causal_lm_loss(model, batch)), rel=1e-6)
+    labels = torch.cat(drawn)
+    count = sum(n - 3 for n in (9, 14, 5, 12))
+    assert labels.shape == (count,) and len(drawn) == (4 if chunked else 1)  # 28 positions, 7 a chunk
+    logits = output @ model.lm_head.weight.T if chunked else output
+    expected = torch.autograd.grad(torch.nn.functional.cross_entropy(logits.float(), labels), output)[0]
+    torch.testing.assert_close(sampled_grad, expected, rtol=1e-4, atol=1e-7)
+    assert not torch.equal(labels, batch["labels"][:, 1:][batch["labels"][:, 1:] != IGNORE_INDEX])

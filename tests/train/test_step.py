@@ -1,4 +1,7 @@
 import copy
+import math
+import statistics
+import time
 
 import pytest
 import torch
@@ -93,3 +96,64 @@ def test_optimizer_settings_reach_every_optimizer():
         assert (group["lr"], group["weight_decay"]) == (0.5, 0.25), name
     zeroth = make_optimizer(STRATEGIES["mezo-qlora"], lora_model(0.0), settings)
     assert zeroth.eps == 2e-3 and not zeroth.hessian and zeroth.state["base_seed"] == 7
+
+
+def test_run_step_feeds_adafish_true_fisher_on_fisher_steps_and_updates_with_the_data_gradient(monkeypatch):
+    import importlib
+
+    from edgetune.optim import AdaFish
+
+    step_module = importlib.import_module("edgetune.train.step")
+
+    calls = []
+    real = step_module.causal_lm_loss_and_sampled_grad
+    monkeypatch.setattr(step_module, "causal_lm_loss_and_sampled_grad", lambda *args: calls.append(1) or real(*args))
+    strategy = STRATEGIES["adafish-lora"]
+    sampled, plain = lora_model(0.0), lora_model(0.0)
+    true_fisher = AdaFish.from_model(sampled, lr=1e-2, fisher="true", fisher_every=2)
+    batch_fisher = AdaFish.from_model(plain, lr=1e-2)
+    full = batch(size=4)
+    halves = [{k: v[:2] for k, v in full.items()}, {k: v[2:] for k, v in full.items()}]
+    outcome = run_step(strategy, sampled, true_fisher, halves)
+    reference = run_step(strategy, plain, batch_fisher, halves)
+    assert outcome.loss == pytest.approx(reference.loss, rel=1e-6) and len(calls) == 2  # one per micro-batch
+    lora = [p for n, p in sampled.named_parameters() if ".lora_" in n]
+    for p, q in zip(lora, (p for n, p in plain.named_parameters() if ".lora_" in n), strict=True):
+        # Same first moment: the update saw the data gradient, not the sampled-label one.
+        torch.testing.assert_close(true_fisher.state[p]["exp_avg"], batch_fisher.state[q]["exp_avg"])
+    losses = [outcome.loss] + [run_step(strategy, sampled, true_fisher, halves).loss for _ in range(2)]
+    assert len(calls) == 4  # steps 1 and 3 take the Fisher, step 2 does not
+    assert all(true_fisher.state[p]["fisher_updates"] == 2 for p in lora)
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+    true_fisher.fisher_hooks.remove()
+
+
+def test_true_fisher_extra_cost_per_step_is_logged(capsys):
+    """Not a timed assertion: prints median step times of the batch, per-sample (hooks) and true (hooks and the
+    sampled-label backward) Fisher, and the true Fisher's amortised time at fisher_every=4."""
+    from edgetune.optim import AdaFish
+
+    strategy = STRATEGIES["adafish-lora"]
+    data = [batch(size=4)]
+    modes = {"batch": {}, "per_sample": {"fisher": "per_sample"}, "true": {"fisher": "true"}}
+    modes["true/4"] = {"fisher": "true", "fisher_every": 4}
+    setups = {}
+    for name, options in modes.items():
+        model = lora_model(0.0)
+        setups[name] = (model, AdaFish.from_model(model, lr=1e-3, **options))
+    times = {name: [] for name in setups}
+    for _ in range(10):  # interleaved, so every mode sees the same machine load
+        for name, (model, optimizer) in setups.items():
+            start = time.perf_counter()
+            run_step(strategy, model, optimizer, data)
+            times[name].append(time.perf_counter() - start)
+    ms = {name: 1e3 * statistics.median(t[2:]) for name, t in times.items()}
+    ms["true/4"] = 1e3 * statistics.mean(times["true/4"][2:10])  # two full periods of 4: the amortised cost
+    with capsys.disabled():
+        print(
+            "\nAdaFish step on the tiny model, ms (x batch Fisher): "
+            + ", ".join(f"{name} {value:.1f} ({value / ms['batch']:.2f}x)" for name, value in ms.items())
+        )
+    for _, optimizer in setups.values():
+        if optimizer.fisher_hooks is not None:
+            optimizer.fisher_hooks.remove()
