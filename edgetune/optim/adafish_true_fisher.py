@@ -18,11 +18,12 @@ Reference: alecwangcq/KFAC-Pytorch (``main.py``, ``optimizers/kfac.py``): every 
 its hooks accumulate, zeroes the gradients, then backpropagates the data loss through the same graph.
 
 Why this design (cheapest that keeps ``torch.optim.Optimizer``'s contract):
-- The same forward serves both losses: the labels are drawn inside the chunked loss's loop, from the softmax it
-  computes anyway (``edgetune.train.chunked_loss.causal_lm_loss_and_sampled_grad``), so there is no second forward
-  and no second output-head matmul. The sampled loss's gradient at the selected hidden states needs no matmul either:
-  (softmax − e_ŷ)·W/n = (softmax − e_y)·W/n + (W_y − W_ŷ)/n, the data gradient plus two gathered rows of the head.
-- The one extra cost is a backward from those hidden states to the LoRA layers, ``torch.autograd.grad`` with
+- The same forward serves both losses: the labels are drawn (by inversion, ``sample_labels``) inside the chunked
+  loss's loop, from the softmax it computes anyway (``edgetune.train.chunked_loss``'s
+  ``causal_lm_loss_and_sampled_grad``), so there is no second forward and no second output-head matmul. The sampled
+  loss's gradient at the selected hidden states needs no matmul either: (softmax − e_ŷ)·W/n =
+  (softmax − e_y)·W/n + (W_y − W_ŷ)/n, the data gradient plus two gathered rows of the head.
+- The main extra cost is a backward from those hidden states to the LoRA layers, ``torch.autograd.grad`` with
   ``retain_graph=True`` (``SampledFisher.backward``). ``autograd.grad`` returns the factors' gradients instead of adding
   them to ``.grad``, so the data gradient the update uses is untouched and nothing needs zeroing (KFAC-Pytorch's
   ``zero_grad`` in between would also drop an accumulated micro-batch's gradient). retain_graph keeps the forward's
@@ -39,6 +40,8 @@ import torch
 from edgetune.optim.adafish_hooks import PerSampleFisher
 
 __all__ = ["SampledFisher", "label_generator", "sample_labels"]
+
+_SAMPLE_ROWS = 64  # rows per cumulative sum in sample_labels: 64 x vocabulary fp32 at most (12.6 MB at 49,152)
 
 
 def label_generator(device: torch.device, seed: int, step: int) -> torch.Generator:
@@ -64,16 +67,32 @@ def label_generator(device: torch.device, seed: int, step: int) -> torch.Generat
 
 
 def sample_labels(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One label per row drawn from that row's distribution.
+    """One label per row drawn from that row's distribution, by inversion of its cumulative sum.
+
+    ŷ = min{y : Σ_{k≤y} p_k > u·Σ_k p_k}, u ~ U[0, 1): exact, with one uniform per row. torch.multinomial draws the
+    same distribution but took 135 ms on one CPU thread for 512 x 8192 probabilities, as long as the true Fisher's
+    extra backward, against 6 ms here. Scaling u by the row's own sum, and keeping the threshold below it, lets no
+    fp32 rounding of the cumulative sum draw past the last class or draw a class of probability 0. The sum is taken
+    ``_SAMPLE_ROWS`` rows at a time, so the extra buffer is that many rows of fp32, not the chunk's.
 
     Args:
-        probs: [rows, vocabulary] probabilities (rows sum to 1; fp32).
+        probs: [rows, vocabulary] probabilities (non-negative, each row with a positive sum).
         generator: from ``label_generator``.
 
     Returns:
         [rows] int64 labels.
     """
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    rows = probs.shape[0]
+    uniform = torch.rand(rows, 1, generator=generator, device=probs.device, dtype=torch.float32)
+    labels = torch.empty(rows, dtype=torch.long, device=probs.device)
+    for start in range(0, rows, _SAMPLE_ROWS):
+        cdf = probs[start : start + _SAMPLE_ROWS].float().cumsum(dim=1)
+        total = cdf[:, -1:]
+        threshold = torch.minimum(
+            uniform[start : start + _SAMPLE_ROWS] * total, torch.nextafter(total, total.new_zeros(()))
+        )
+        labels[start : start + _SAMPLE_ROWS] = torch.searchsorted(cdf, threshold, right=True).squeeze(1)
+    return labels
 
 
 @dataclass(frozen=True)

@@ -45,12 +45,14 @@ def drawn(monkeypatch):
 
 
 def test_labels_are_drawn_from_the_probabilities_and_reproducible():
-    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05, 0.0], [0.0, 0.0, 1.0, 0.0, 0.0]])
+    """Two rows (one a point mass), 20,000 draws each, over several 64-row blocks of the cumulative sum."""
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05, 0.0], [0.0, 0.0, 1.0, 0.0, 0.0]]) * 0.7  # need not sum to 1
     rows = probs.repeat_interleave(20_000, dim=0)
     labels = sample_labels(rows, label_generator(torch.device("cpu"), seed=3, step=1)).view(2, -1)
     freq = torch.stack([torch.bincount(row, minlength=5) for row in labels]).double() / 20_000
     # 4 standard deviations of a frequency over 20,000 draws is at most 4·√(0.25/20,000) = 0.014.
-    torch.testing.assert_close(freq, probs.double(), rtol=0, atol=0.014)
+    torch.testing.assert_close(freq, probs.double() / 0.7, rtol=0, atol=0.014)
+    assert torch.equal(freq[probs == 0], torch.zeros(int((probs == 0).sum()), dtype=torch.float64))
     again = sample_labels(rows, label_generator(torch.device("cpu"), seed=3, step=1)).view(2, -1)
     other_step = sample_labels(rows, label_generator(torch.device("cpu"), seed=3, step=2)).view(2, -1)
     assert torch.equal(labels, again) and not torch.equal(labels, other_step)
