@@ -39,7 +39,7 @@ import torch
 
 from edgetune.optim.adafish_hooks import PerSampleFisher
 
-__all__ = ["SampledFisher", "label_generator", "sample_labels"]
+__all__ = ["SampledFisher", "label_generator", "sample_labels", "sampled_logits_grad"]
 
 _SAMPLE_ROWS = 64  # rows per cumulative sum in sample_labels: 64 x vocabulary fp32 at most (12.6 MB at 49,152)
 
@@ -93,6 +93,27 @@ def sample_labels(probs: torch.Tensor, generator: torch.Generator) -> torch.Tens
         )
         labels[start : start + _SAMPLE_ROWS] = torch.searchsorted(cdf, threshold, right=True).squeeze(1)
     return labels
+
+
+@torch.no_grad()
+def sampled_logits_grad(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """d/d(logits) of the mean cross-entropy at labels drawn from softmax(logits): (softmax − e_ŷ) / rows.
+
+    For a loss that is a mean cross-entropy over rows of logits the model computes in full (a classification head, a
+    verbalizer's few tokens, a model without the chunked loss); pass the result to ``SampledFisher.backward`` with
+    ``logits`` as the output.
+
+    Args:
+        logits: [rows, classes] logits, part of the forward's graph.
+        generator: from ``SampledFisher.generator``.
+
+    Returns:
+        The gradient, in the logits' dtype and shape.
+    """
+    grad = torch.softmax(logits.float(), dim=-1)
+    drawn = sample_labels(grad, generator)
+    grad[torch.arange(grad.shape[0], device=grad.device), drawn] -= 1.0
+    return grad.div_(max(grad.shape[0], 1)).to(logits.dtype)
 
 
 @dataclass(frozen=True)

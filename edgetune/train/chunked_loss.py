@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from edgetune.optim.adafish_true_fisher import sample_labels
+from edgetune.optim.adafish_true_fisher import sample_labels, sampled_logits_grad
 from edgetune.plan.components import loss_chunk_positions
 from edgetune.train.tokens import IGNORE_INDEX
 
@@ -77,12 +77,7 @@ def causal_lm_loss_and_sampled_grad(
         outputs = model(**batch)
         # Logit t predicts label t + 1, as transformers' loss shifts them.
         selected = outputs.logits[:, :-1][batch["labels"][:, 1:] != IGNORE_INDEX]
-        with torch.no_grad():
-            grad = torch.softmax(selected.float(), dim=-1)
-            drawn = sample_labels(grad, generator)
-            grad[torch.arange(grad.shape[0], device=grad.device), drawn] -= 1.0
-            grad /= max(grad.shape[0], 1)
-        return outputs.loss, selected, grad.to(selected.dtype)
+        return outputs.loss, selected, sampled_logits_grad(selected, generator)
     head = base.get_output_embeddings()
     hidden = _final_hidden(base, batch)
     selected, targets = _labelled(hidden, batch["labels"])

@@ -126,9 +126,10 @@ def test_sampled_grad_is_the_gradient_of_the_loss_at_the_drawn_labels(small_chun
 
     module = importlib.import_module("edgetune.train.chunked_loss")
     drawn = []
-    monkeypatch.setattr(
-        module, "sample_labels", lambda probs, gen: drawn.append(sample_labels(probs, gen)) or drawn[-1]
-    )
+    for drawing in (module, importlib.import_module("edgetune.optim.adafish_true_fisher")):  # chunks; logits path
+        monkeypatch.setattr(
+            drawing, "sample_labels", lambda probs, gen: drawn.append(sample_labels(probs, gen)) or drawn[-1]
+        )
     if not chunked:
         monkeypatch.setattr(module, "supports_chunked_loss", lambda base: False)
     model = _model()
