@@ -248,7 +248,8 @@ class FZOO(torch.optim.Optimizer):
     def _chunk(self, job: Chunk, slot: Slot, seed: int, recover: int | None, perturb: int | None) -> None:
         p, n, sweeper = job.flat, job.flat.numel(), self._sweeper
         if recover is not None:
-            sweeper.round_trip(job, slot, sweeper.draw(slot, mix(seed, recover, *job.key), n), self.eps, 0.0)
+            u = sweeper.draw(slot, mix(seed, recover, *job.key), n)
+            sweeper.round_trip(job, slot, u, self.eps, 0.0)
         if perturb is not None:
             sweeper.round_trip(job, slot, sweeper.draw(slot, mix(seed, perturb, *job.key), n), 0.0, self.eps)
         if job.payload is None:

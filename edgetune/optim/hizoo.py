@@ -349,7 +349,10 @@ class HiZOO(torch.optim.Optimizer):
         alpha, unbiased = group["hessian_smooth"], self.hessian_estimator == "unbiased"
         if h is not None and alpha > 0:
             curvature = record.curvature * self._unbiased_scale if unbiased else abs(record.curvature)
-            torch.mul(z, z, out=t).sub_(1.0 if unbiased else 0.0).mul_(alpha * curvature).add_(1.0 - alpha)
+            # (1 - alpha) + alpha c (z^2 - [1]) in one pass: addcmul(1 - alpha - [alpha c], z, z, value=alpha c).
+            scale = alpha * curvature
+            base = torch.tensor(1.0 - alpha - (scale if unbiased else 0.0), dtype=torch.float32, device=z.device)
+            torch.addcmul(base, z, z, value=scale, out=t)
             h.mul_(t).clamp_(min=self.hessian_min)
             torch.rsqrt(h, out=t).mul_(z)
         if lr * group["weight_decay"] != 0:

@@ -135,7 +135,11 @@ class Sweeper:
                 raise error
 
     def draw(self, slot: Slot, seed: int, numel: int) -> torch.Tensor:
-        """z for one chunk of ``numel`` values, drawn from ``seed`` into the slot."""
+        """z for one chunk of ``numel`` values, drawn from ``seed`` into the slot (fp32).
+
+        A 16-bit z would halve the bytes a 16-bit parameter's add reads, but torch's same-dtype add rounds alpha = eps
+        to the parameter dtype (0.1% of the 1e-3 default in bf16), so the perturbation would not be eps z.
+        """
         slot.generator.manual_seed(seed)
         n = numel if self.perturbation == "gaussian" else padded(numel)
         words, scratch = slot.mask.view(torch.int32), slot.rounded.view(torch.int32)
