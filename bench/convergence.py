@@ -45,7 +45,7 @@ import convergence_optimizers as optimizers  # noqa: E402
 import convergence_report as report  # noqa: E402
 import convergence_tasks as tasks  # noqa: E402
 import torch  # noqa: E402
-from convergence_optimizers import OPTIMIZERS, VARIANTS, Options, available, trainable  # noqa: E402
+from convergence_optimizers import OPTIMIZERS, VARIANTS, Options, trainable  # noqa: E402
 from convergence_runs import Budget, train_backprop, train_zeroth_order  # noqa: E402
 
 from edgetune.plan.sources import resolve_model  # noqa: E402
@@ -136,14 +136,12 @@ def select(args: argparse.Namespace) -> list[Run]:
     """The runs the arguments ask for, interleaved across parts (A, B, A, B, ...), seed by seed.
 
     Raises:
-        ValueError: an unknown task, optimizer or variant, or fzoo asked for before it exists.
+        ValueError: an unknown task, optimizer or variant.
     """
     names, requested = split(args.optimizer), split(args.variant) or ["default"]
     for name in names:
         if name not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {name!r}; use one of {', '.join(OPTIMIZERS)}")
-        if not available(name):
-            raise ValueError(f"{name} is not available: edgetune.optim.fzoo.FZOO has not landed in this checkout")
     parts: list[list[Run]] = []
     for task in split(args.task) or list(tasks.TASKS):
         if task not in tasks.TASKS:
@@ -163,16 +161,8 @@ def select(args: argparse.Namespace) -> list[Run]:
 
 
 def default_optimizers(task: str) -> list[str]:
-    """Every backprop optimizer; the zeroth-order ones on ``ZERO_ORDER_TASKS`` when they exist in this checkout."""
-    chosen = []
-    for name, method in OPTIMIZERS.items():
-        if method.forwards_per_step is not None and task not in ZERO_ORDER_TASKS:
-            continue
-        if not available(name):
-            logger.info("skipping %s: not in this checkout yet", name)
-            continue
-        chosen.append(name)
-    return chosen
+    """Every backprop optimizer, and the zeroth-order ones on ``ZERO_ORDER_TASKS``."""
+    return [n for n, m in OPTIMIZERS.items() if m.forwards_per_step is None or task in ZERO_ORDER_TASKS]
 
 
 def split(value: str | None) -> list[str]:

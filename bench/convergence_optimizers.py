@@ -5,21 +5,19 @@ it from perturbed losses and are compared at equal forward passes. All run at we
 (torch's AdamW would use 0.01), and otherwise with their own defaults, which are what edgetune trains with.
 
 Variants are keyword arguments for an optimizer's constructor, chosen with ``--variant`` and stored as a separate
-optimizer ("adafish/identity"); "default" is edgetune's setting. FZOO (``edgetune.optim.fzoo``, being written) is
-imported only when it runs, so the benchmark works before it lands.
+optimizer ("adafish/identity"); "default" is edgetune's setting.
 """
 
-import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from edgetune.optim import AdaFish, HiZOO, MeZO, ScaledAdamW
+from edgetune.optim import FZOO, AdaFish, HiZOO, MeZO, ScaledAdamW
+from edgetune.plan.strategies import FZOO_DIRECTIONS
 
 ZO_EPS = 1e-3
-FZOO_DIRECTIONS = 8
 Options = dict[str, Any]
 Build = Callable[[torch.nn.Module, float, int, Options], torch.optim.Optimizer]
 
@@ -53,11 +51,7 @@ def loraplus(model: torch.nn.Module, lr: float, seed: int, options: Options) -> 
 
 
 def fzoo(model: torch.nn.Module, lr: float, seed: int, options: Options) -> torch.optim.Optimizer:
-    """FZOO, imported only when asked for: it is being written in edgetune.optim.fzoo."""
-    if not available("fzoo"):
-        raise RuntimeError("fzoo needs edgetune.optim.fzoo.FZOO, which this checkout does not have yet")
-    from edgetune.optim.fzoo import FZOO
-
+    """FZOO with edgetune's number of directions (the strategy's forwards per step depend on it)."""
     settings = {"eps": ZO_EPS, "directions": FZOO_DIRECTIONS, "weight_decay": 0.0, **options}
     return FZOO(trainable(model), lr=lr, seed=seed, **settings)
 
@@ -83,7 +77,9 @@ OPTIMIZERS: dict[str, Method] = {
     "adafish": Method(lambda m, lr, s, o: AdaFish.from_model(m, lr=lr, **o), (1e-3, 3e-3, 1e-2)),
     "mezo": Method(mezo, (3e-4, 1e-3, 3e-3), lambda o: 2),
     "hizoo": Method(hizoo, (3e-4, 1e-3, 3e-3), lambda o: 3),
-    "fzoo": Method(fzoo, (1e-4, 3e-4, 1e-3), lambda o: o.get("directions", FZOO_DIRECTIONS) + 1),
+    # FZOO's step g / sigma is about unit size per direction over eps (its docstring): about 1/eps = 1000 times
+    # MeZO's per unit of lr at eps = 1e-3, hence rates a decade or two lower.
+    "fzoo": Method(fzoo, (1e-5, 3e-5, 1e-4), lambda o: o.get("directions", FZOO_DIRECTIONS) + 1),
 }
 # Variants: keyword arguments for the optimizer's constructor, chosen with --variant; "default" is what edgetune uses.
 ADAFISH_VARIANTS: dict[str, Options] = {
@@ -111,8 +107,3 @@ def forwards_per_step(name: str, variant: str) -> int | None:
     """Forward passes of one zeroth-order step; None for a backprop optimizer."""
     count = OPTIMIZERS[name].forwards_per_step
     return None if count is None else count(options(name, variant))
-
-
-def available(name: str) -> bool:
-    """Whether an optimizer can be built in this checkout (FZOO may not have landed yet)."""
-    return name != "fzoo" or importlib.util.find_spec("edgetune.optim.fzoo") is not None

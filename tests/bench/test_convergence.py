@@ -9,12 +9,9 @@ import importlib.machinery
 import importlib.util
 import json
 import math
-import sys
-import types
 from pathlib import Path
 
 import pytest
-import torch
 
 SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "convergence.py"
 PAIRS = [(f"What is {w}?", f"{w} is a word I know, thank you.") for w in "fox dog world hello lazy quick brown".split()]
@@ -76,18 +73,7 @@ def test_runs_are_stored_per_key_merged_on_rerun_and_reported(bench, tiny_traina
     assert "| adafish/identity | 0.01* | 1 |" in markdown and "--task text --optimizer adamw" in markdown
 
 
-def test_zeroth_order_runs_spend_their_forward_budget(bench, tiny_trainable_dir, tmp_path, monkeypatch):
-    class FakeFZOO(torch.optim.Optimizer):  # stands in for edgetune.optim.fzoo until it lands: directions + 1 passes
-        def __init__(self, params, lr, eps, directions, weight_decay, seed):
-            super().__init__(params, {"lr": lr})
-            self.directions = directions
-
-        def step(self, closure):
-            return [closure() for _ in range(self.directions + 1)][0]
-
-    fake = types.ModuleType("edgetune.optim.fzoo")
-    fake.FZOO, fake.__spec__ = FakeFZOO, importlib.machinery.ModuleSpec("edgetune.optim.fzoo", None)
-    monkeypatch.setitem(sys.modules, "edgetune.optim.fzoo", fake)
+def test_zeroth_order_runs_spend_their_forward_budget(bench, tiny_trainable_dir, tmp_path):
     argv = ["--task", "sentiment", "--optimizer", "mezo,hizoo,fzoo", "--lrs", "1e-3", "--forwards", "20"]
     results = run(bench, tiny_trainable_dir, tmp_path, *argv, "--zo-eval-every", "5")
     expected = {"mezo": (10, 20, 2), "hizoo": (6, 18, 3), "fzoo": (2, 18, 9)}  # steps, forwards, forwards a step
@@ -101,11 +87,8 @@ def test_zeroth_order_runs_spend_their_forward_budget(bench, tiny_trainable_dir,
     assert set(results["summary"]["sentiment"]["hizoo"]["at_forwards"]) == {"5", "10", "20"}
 
 
-def test_fzoo_is_refused_clearly_until_it_exists_and_plan_runs_nothing(bench, tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "edgetune.optim.fzoo", None)  # find_spec then says: no such module
-    assert bench.main(["--task", "sentiment", "--optimizer", "fzoo", "--out", str(tmp_path)]) == 2
-    assert "edgetune.optim.fzoo.FZOO has not landed" in capsys.readouterr().err
-    assert "fzoo" not in bench.default_optimizers("sentiment") and "mezo" in bench.default_optimizers("sentiment")
+def test_unknown_variants_are_refused_and_plan_runs_nothing(bench, tmp_path, capsys):
+    assert "fzoo" in bench.default_optimizers("sentiment") and "mezo" in bench.default_optimizers("sentiment")
     assert "mezo" not in bench.default_optimizers("text")
     assert bench.main(["--plan", "--optimizer", "adamw", "--variant", "identity", "--out", str(tmp_path)]) == 2
     assert "no selected optimizer has the variant(s) ['identity']" in capsys.readouterr().err
