@@ -277,6 +277,8 @@ def test_plan_sizes_all_linear_as_every_linear_listed(capsys, tiny_model_dir):
         "mezo-qlora",
         "hizoo-full",
         "mezo-full",
+        "fzoo-qlora",
+        "fzoo-full",
         "adamw-lora-gc",
         "adamw-full-gc",
     ],

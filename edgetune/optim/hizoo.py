@@ -4,17 +4,30 @@ Paper: Zhao et al., "Second-Order Fine-Tuning without Pain for LLMs: A Hessian I
 arXiv 2402.15173 (ICLR 2025); MeZO: Malladi et al., arXiv 2305.17333. Reference code: Yanjun-Zhao/HiZOO @ 4f99055
 ``trainer.py::zo_Hessian_step_update`` and princeton-nlp/MeZO @ 552cb1b ``large_models/trainer.py::zo_step``.
 
-One step, with H the fp32 diagonal Hessian estimate (Sigma^-1, starts at 1), z ~ N(0, I) from the step seed,
-alpha = ``hessian_smooth`` and wd = ``weight_decay``::
+One step, with H the fp32 diagonal Hessian estimate (Sigma^-1, starts at 1), z drawn from the step seed with
+independent coordinates, E z = 0, E z^2 = 1 and kappa = E z^4 (perturbation.py), alpha = ``hessian_smooth`` and
+wd = ``weight_decay``::
 
-    l0 = L(theta), l+ = L(theta + eps z / sqrt(H)), l- = L(theta - eps z / sqrt(H))
-    H <- (1 - alpha) H + alpha |l+ + l- - 2 l0| H z^2 / (2 eps^2)         "released", the published code
-    H <- (1 - alpha) H + alpha (l+ + l- - 2 l0) H (z^2 - 1) / (2 eps^2)   "unbiased", the paper's form
+    l0 = L(theta), l+ = L(theta + eps z / sqrt(H)), l- = L(theta - eps z / sqrt(H)),  c = (l+ + l- - 2 l0) / (2 eps^2)
+    H <- (1 - alpha) H + alpha |c| H z^2                                   "released", the published code
+    H <- (1 - alpha) H + alpha c H (z^2 - 1) 2 / (kappa - 1)               "unbiased", the paper's form, generalised
     theta <- theta - lr ((l+ - l-) / (2 eps) z / sqrt(H_new) + wd theta)
 
-By Stein's identity the "unbiased" increment has the true Hessian diagonal as its expectation. The paper also takes
-abs() per coordinate; we leave it out because E|X| != E[X] (with d coordinates it inflates H about d/2 times) and floor
-H at ``hessian_min`` instead. MeZO drops l0 and H: two forwards, theta <- theta - lr ((l+ - l-)/(2 eps) z + wd theta).
+Why 2 / (kappa - 1). With u = z / sqrt(H) and A the true Hessian, l+ + l- - 2 l0 = eps^2 u^T A u + O(eps^4), so
+c H_i (z_i^2 - 1) = (H_i / 2) sum_jk A_jk z_j z_k (z_i^2 - 1) / sqrt(H_j H_k). For independent symmetric z the
+expectation keeps only j = k: j = k = i gives E[z^2 (z^2 - 1)] = kappa - 1, j = k != i gives E[z_j^2] E[z_i^2 - 1] = 0,
+and j != k is odd in z. So E[c H_i (z_i^2 - 1)] = A_ii (kappa - 1) / 2: the Gaussian's kappa = 3 makes the paper's
+increment unbiased as written, and any other distribution needs the factor 2 / (kappa - 1). Rademacher z has
+kappa = 1: z^2 = 1 and the diagonal enters l+ + l- - 2 l0 only through the trace, the same for every coordinate, so
+no estimator built from these losses can see it; HiZOO refuses it. The default "sparse" z in {-sqrt2, 0, 0, +sqrt2}
+has kappa = 2, the factor is 2, and the increment's variance factor 1 / (kappa - 1) is 1 (Gaussian 1/2); it costs two
+random bits per value instead of a Gaussian draw (tests/optim/test_hizoo.py checks the mean on a quadratic with
+off-diagonal curvature). The released estimator is biased for any z (E|X| != |E X|); it is kept as published.
+
+The paper also takes abs() per coordinate in the unbiased form; we leave it out because E|X| != E[X] (with d
+coordinates it inflates H about d/2 times) and floor H at ``hessian_min`` instead. MeZO drops l0 and H: two forwards,
+theta <- theta - lr ((l+ - l-)/(2 eps) z + wd theta), and draws Rademacher z by default (only E z^2 = 1 matters for
+its gradient estimate, whose second moment (d - 1 + kappa) |g|^2 is smallest at kappa = 1).
 
 Restoring theta. Without a copy of theta no in-place scheme can undo round(theta + d) for every float: it maps the
 many floats near 0 onto the few near d (pigeonhole), and at a tie (theta + d halfway between two floats, rounded to
@@ -38,46 +51,33 @@ the dtype's floats at |x| (the wider one at a power of two), exactly this holds:
 About 8% of N(0, 0.02) weights come back off per step at eps = 1e-3 (by the bounds above), against 46% for the
 reference's +d, -2d, +d. Every sweep is deterministic, so the step log replays a run bit for bit.
 
-Speed. Drawing z dominates a full-parameter step on CPU (torch's normal_ runs on one thread per generator), so the
-chunks of a sweep are shared by ``workers`` threads, each with its own generator and work buffer; z depends only on
-(step seed, tensor index, chunk), so the result is bit-identical for any number of workers.
+Speed. Drawing Gaussian z dominated a full-parameter step on CPU (torch's normal_ runs on one thread per generator
+and costs more than a forward for 135M values); the bit-built distributions cost about a sixteenth of it. The chunks
+of a sweep are shared by ``workers`` threads, each with its own generator and work buffer (zo_sweep.py); z depends only
+on (step seed, tensor index, chunk), so the result is bit-identical for any number of workers.
 """
 
-import itertools
 import logging
 import math
-import threading
-import weakref
 from collections import deque
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import torch
 
 from edgetune.errors import EdgetuneError
+from edgetune.optim import zo_sweep
+from edgetune.optim.perturbation import FOURTH_MOMENT, PERTURBATIONS, Perturbation
+from edgetune.optim.zo_sweep import CPU_CHUNK_NUMEL, GPU_CHUNK_NUMEL, Chunk, Slot, Sweeper, evaluate, mix
+
+__all__ = ["CPU_CHUNK_NUMEL", "GPU_CHUNK_NUMEL", "HiZOO", "MeZO", "ZOStepRecord", "buffer_bytes", "state_bytes"]
 
 logger = logging.getLogger(__name__)
 
-CPU_CHUNK_NUMEL = 1 << 18  # 1 MiB of fp32 per buffer slot: a chunk's element-wise ops stay in cache
-GPU_CHUNK_NUMEL = 1 << 22  # larger chunks amortise the ~12 kernel launches per chunk and sweep
-# torch's CPU normal_ is single-threaded per generator and bounds a full-parameter step, so chunks are filled on
-# several threads; the cap keeps the per-worker buffers small and the Python between the ops (one GIL) off the
-# critical path.
-MAX_DEFAULT_WORKERS = 8
-_MASK64 = (1 << 64) - 1
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-
-def _mix(*values: int) -> int:
-    """Hash ints into a 63-bit seed (splitmix64 rounds), so every (step, tensor, chunk) has its own z stream."""
-    state = 0x9E3779B97F4A7C15
-    for value in values:
-        state = (state ^ (value & _MASK64)) * 0xBF58476D1CE4E5B9 & _MASK64
-        state = (state ^ (state >> 27)) * 0x94D049BB133111EB & _MASK64
-        state ^= state >> 31
-    return state >> 1
+def _check(ok: bool, name: str, value: object, rule: str) -> None:
+    zo_sweep.check(ok, "HiZOO", name, value, rule)
 
 
 @dataclass(frozen=True)
@@ -132,14 +132,9 @@ def buffer_bytes(largest_numel: int, hessian: bool, chunk_numel: int, workers: i
         workers: the optimizer's ``workers``.
 
     Returns:
-        Bytes of the buffers: per worker, 13 per chunk element with the Hessian, 9 without.
+        Bytes of the buffers: per worker, 13 per chunk element with the Hessian, 9 without (``zo_sweep``).
     """
-    return workers * min(largest_numel, chunk_numel) * (13 if hessian else 9)
-
-
-def _check(ok: bool, name: str, value: object, rule: str) -> None:
-    if not ok:
-        raise ValueError(f"HiZOO {name}={value!r} is invalid; {rule}")
+    return zo_sweep.buffer_bytes(largest_numel, hessian, chunk_numel, workers)
 
 
 class HiZOO(torch.optim.Optimizer):
@@ -154,6 +149,10 @@ class HiZOO(torch.optim.Optimizer):
         hessian_smooth: EMA weight alpha of the Hessian update (per group).
         hessian_estimator: "released" (the published code) or "unbiased" (the paper's z^2 - 1 form, no abs).
         hessian_min: floor on H, so that 1 / sqrt(H) stays finite.
+        perturbation: the distribution of z (perturbation.py): "gaussian" as released, "rademacher" (+-1, MeZO's
+            default here, about 16x cheaper to draw on CPU) or "sparse" ({-sqrt2, 0, 0, sqrt2}, HiZOO's default: the
+            cheapest draw whose fourth moment lets the diagonal Hessian be estimated). None picks the default. z
+            depends on it, so keep it to resume.
         seed: base seed; step t draws z from a seed hashed from (seed, t).
         chunk_numel: elements per chunk; each work buffer holds one (``buffer_bytes``). Default: ``GPU_CHUNK_NUMEL``
             if any parameter is off the CPU, else ``CPU_CHUNK_NUMEL``. z depends on it, so keep it to resume.
@@ -181,29 +180,26 @@ class HiZOO(torch.optim.Optimizer):
         chunk_numel: int | None = None,
         log_size: int = 1000,
         workers: int | None = None,
+        perturbation: Perturbation | None = None,
     ) -> None:
-        _check(math.isfinite(eps) and eps > 0, "eps", eps, "use a positive perturbation scale such as 1e-3")
+        perturbation = perturbation or ("sparse" if hessian else "rademacher")
+        _check(perturbation in PERTURBATIONS, "perturbation", perturbation, f"use one of {PERTURBATIONS}")
+        blind = hessian and FOURTH_MOMENT[perturbation] == 1.0
+        _check(not blind, "perturbation", perturbation, "HiZOO needs E z^4 > 1 to see the diagonal: use sparse")
+        zo_sweep.check_common("HiZOO", eps, seed, chunk_numel, log_size, workers)
         estimators = ("released", "unbiased")
         _check(hessian_estimator in estimators, "hessian_estimator", hessian_estimator, f"use one of {estimators}")
         _check(math.isfinite(hessian_min) and hessian_min > 0, "hessian_min", hessian_min, "use a positive floor")
-        _check(isinstance(seed, int) and seed >= 0, "seed", seed, "use an int >= 0")
-        chunk_ok = chunk_numel is None or (isinstance(chunk_numel, int) and chunk_numel > 0)
-        _check(chunk_ok, "chunk_numel", chunk_numel, "use an int > 0, or None for the device default")
-        _check(isinstance(log_size, int) and log_size >= 0, "log_size", log_size, "use an int >= 0")
-        workers_ok = workers is None or (isinstance(workers, int) and workers > 0)
-        _check(workers_ok, "workers", workers, "use an int > 0, or None for the device default")
         self.eps, self.hessian, self.hessian_estimator = eps, hessian, hessian_estimator
-        self.hessian_min = hessian_min
+        self.hessian_min, self.perturbation = hessian_min, perturbation
+        # 2 / (kappa - 1) makes E[c H (z^2 - 1)] the Hessian diagonal for any z with E z^2 = 1 (module docstring).
+        self._unbiased_scale = 2.0 / (FOURTH_MOMENT[perturbation] - 1.0) if hessian else 0.0
         self.log: deque[ZOStepRecord] = deque(maxlen=log_size)
-        self._work: dict[torch.device, list[tuple[torch.Generator, torch.Tensor]]] = {}
-        self._pool: ThreadPoolExecutor | None = None
-        self._pool_size = 0
-        self._zero_chunks: set[tuple[int, int]] = set()
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, hessian_smooth=hessian_smooth))
-        on_cpu = all(p.device.type == "cpu" for g in self.param_groups for p in g["params"])
-        self.chunk_numel = chunk_numel or (CPU_CHUNK_NUMEL if on_cpu else GPU_CHUNK_NUMEL)
-        self.workers = workers or (min(torch.get_num_threads(), MAX_DEFAULT_WORKERS) if on_cpu else 1)
+        self.chunk_numel, self.workers = zo_sweep.defaults(self.param_groups, chunk_numel, workers)
+        self._sweeper = Sweeper(perturbation, hessian, self.chunk_numel, self.workers)
         self.state.update(step=0, skipped_steps=0, base_seed=seed, chunk_numel=self.chunk_numel, hessian=hessian)
+        self.state["perturbation"] = perturbation
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Validate a group's hyperparameters and trainable parameters, then add it as torch does.
@@ -215,14 +211,9 @@ class HiZOO(torch.optim.Optimizer):
             ValueError: as for the constructor; frozen parameters (e.g. quantized base weights) are not checked.
         """
         group = {**self.defaults, **param_group}
-        params = [group["params"]] if isinstance(group["params"], torch.Tensor) else list(group["params"])
-        lr, wd, alpha = group["lr"], group["weight_decay"], group["hessian_smooth"]
-        _check(math.isfinite(lr) and lr >= 0, "lr", lr, "use a learning rate >= 0 such as 1e-6")
-        _check(math.isfinite(wd) and wd >= 0, "weight_decay", wd, "use a weight decay >= 0")
+        params = zo_sweep.checked_group("HiZOO", group)
+        alpha = group["hessian_smooth"]
         _check(0 <= alpha <= 1, "hessian_smooth", alpha, "use an EMA weight in [0, 1] such as 1e-8")
-        for p in (p for p in params if p.requires_grad):
-            _check(p.dtype in _DTYPES, "dtype of a trainable parameter", p.dtype, "train fp32/bf16/fp16 weights")
-            _check(p.is_contiguous(), "layout of a trainable parameter", "strided", "make it contiguous")
         super().add_param_group({**param_group, "params": params})
 
     @torch.no_grad()
@@ -242,21 +233,21 @@ class HiZOO(torch.optim.Optimizer):
         if closure is None:
             raise EdgetuneError("HiZOO.step() got no closure", "call opt.step(lambda: model(**batch).loss)")
         step, lrs = self.state["step"], tuple(g["lr"] for g in self.param_groups)
-        seed, losses, value = _mix(self.state["base_seed"], step), [], None
+        seed, losses, value = mix(self.state["base_seed"], step), [], None
         if self.hessian:
-            value, loss0 = _evaluate(closure)
+            value, loss0 = evaluate(closure, "HiZOO")
             losses.append(loss0)
             if not math.isfinite(loss0):
                 return self._finish(ZOStepRecord(step, seed, 0.0, 0.0, (loss0,), lrs, False, True), value)
         self._sweep(seed, recover=0, perturb=1)
         try:
-            plus, loss_plus = _evaluate(closure)
+            plus, loss_plus = evaluate(closure, "HiZOO")
             self._sweep(seed, recover=1, perturb=-1)
         except BaseException:
             self._sweep(seed, recover=1, perturb=0)
             raise
         try:
-            loss_minus = _evaluate(closure)[1]
+            loss_minus = evaluate(closure, "HiZOO")[1]
         except BaseException:
             self._sweep(seed, recover=-1, perturb=0)
             raise
@@ -291,10 +282,10 @@ class HiZOO(torch.optim.Optimizer):
             state_dict: from ``state_dict()``.
 
         Raises:
-            EdgetuneError: the state was saved with another ``hessian`` or ``chunk_numel`` setting.
+            EdgetuneError: the state was saved with another ``hessian``, ``chunk_numel`` or ``perturbation``.
         """
-        saved = state_dict["state"]
-        for key in ("hessian", "chunk_numel"):
+        saved = {"perturbation": "gaussian", **state_dict["state"]}  # states saved before the option drew Gaussians
+        for key in ("hessian", "chunk_numel", "perturbation"):
             if saved.get(key, getattr(self, key)) != getattr(self, key):
                 problem = f"optimizer state saved with {key}={saved[key]}, this optimizer has {getattr(self, key)}"
                 raise EdgetuneError(problem, f"construct it with {key}={saved[key]} to resume")
@@ -324,24 +315,15 @@ class HiZOO(torch.optim.Optimizer):
 
     def work_buffers(self) -> list[torch.Tensor]:
         """The reusable perturbation buffers, which live across steps but are scratch, not state (never saved)."""
-        return [buffer for slots in self._work.values() for _, buffer in slots]
+        return self._sweeper.work_buffers()
 
     def close(self) -> None:
         """End the worker threads; a later step starts them again (they also end with the optimizer)."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        self._sweeper.close()
 
     def _sweep(self, seed: int, recover: int, perturb: int, update: ZOStepRecord | None = None) -> None:
         """One pass over the trainable tensors, chunk by chunk, regenerating z from (seed, tensor index, chunk)."""
-        jobs = self._jobs(seed, update)
-        if recover == 0:
-            self._zero_chunks.clear()  # refilled from theta itself by this, the step's first, sweep
-        slots = self._slots_for(jobs)
-        self._run(jobs, lambda job, worker: self._chunk(job, slots[job.flat.device][worker], (recover, perturb)))
-
-    def _jobs(self, seed: int, update: ZOStepRecord | None) -> list["_Job"]:
-        jobs, index = [], -1
+        tensors, index = [], -1
         for group_index, group in enumerate(self.param_groups):
             step = None if update is None or update.skipped else (update, update.lrs[group_index], group)
             for p in group["params"]:
@@ -350,132 +332,33 @@ class HiZOO(torch.optim.Optimizer):
                     continue
                 if self.hessian and "hessian" not in self.state[p]:
                     self.state[p]["hessian"] = torch.ones(p.shape, dtype=torch.float32, device=p.device)
-                flat, hess = p.view(-1), self.state[p]["hessian"].view(-1) if self.hessian else None
-                for chunk, start in enumerate(range(0, flat.numel(), self.chunk_numel)):
-                    part = slice(start, start + self.chunk_numel)
-                    h = None if hess is None else hess[part]
-                    jobs.append(_Job(flat[part], h, _mix(seed, index, chunk), (index, chunk), step))
-        return jobs
+                tensors.append((index, p, self.state[p]["hessian"] if self.hessian else None, step))
+        if recover == 0:
+            self._sweeper.zero_chunks.clear()  # refilled from theta itself by this, the step's first, sweep
+        signs = (recover * self.eps, perturb * self.eps)
+        self._sweeper.run(self._sweeper.chunks(tensors), lambda job, slot: self._chunk(job, slot, seed, signs))
 
-    def _slots_for(self, jobs: list["_Job"]) -> dict[torch.device, list[tuple[torch.Generator, torch.Tensor]]]:
-        """One generator and byte buffer per worker and device, sized by ``buffer_bytes``: never model-sized."""
-        largest: dict[torch.device, int] = {}
-        for job in jobs:
-            largest[job.flat.device] = max(largest.get(job.flat.device, 0), job.flat.numel())
-        for device, numel in largest.items():
-            nbytes, slots = buffer_bytes(numel, self.hessian, self.chunk_numel), self._work.get(device, [])
-            if len(slots) != self.workers or slots[0][1].numel() < nbytes:
-                self._work[device] = [_new_slot(device, nbytes) for _ in range(self.workers)]
-        return self._work
-
-    def _run(self, jobs: list["_Job"], apply: Callable[["_Job", int], None]) -> None:
-        """Apply every job; up to ``workers`` threads (this one included) each take the next job in turn."""
-        workers, order, failed = min(self.workers, len(jobs)), itertools.count(), threading.Event()
-
-        @torch.no_grad()  # grad mode is per thread
-        def drain(worker: int) -> None:
-            for i in order:  # next() on a count is atomic under the GIL
-                if i >= len(jobs) or failed.is_set():
-                    return
-                try:
-                    apply(jobs[i], worker)
-                except BaseException:
-                    failed.set()
-                    raise
-
-        futures, threads = [], torch.get_num_threads()
-        try:
-            if workers > 1:
-                # The workers are the parallelism: each one's ops also forking an OpenMP team oversubscribes the
-                # cores, and a team waiting on a preempted thread (a busy machine) turns microseconds into ms.
-                torch.set_num_threads(1)
-                futures = [self._executor().submit(drain, worker) for worker in range(1, workers)]
-            drain(0)
-        finally:
-            errors = [future.exception() for future in futures]  # waits: no worker may outlive the sweep
-            torch.set_num_threads(threads)
-        for error in errors:
-            if error is not None:
-                raise error
-
-    def _executor(self) -> ThreadPoolExecutor:
-        if self._pool is None or self._pool_size != self.workers - 1:
-            self.close()
-            self._pool, self._pool_size = ThreadPoolExecutor(self.workers - 1, "edgetune-zo"), self.workers - 1
-            weakref.finalize(self, self._pool.shutdown, wait=False)  # holds the pool, not the optimizer
-        return self._pool
-
-    def _chunk(self, job: "_Job", slot: tuple[torch.Generator, torch.Tensor], signs: tuple[int, int]) -> None:
-        (generator, buffer), p, h, (recover, perturb) = slot, job.flat, job.hess, signs
-        z, t, rounded, mask = _slots(buffer, p.numel(), p.dtype, self.hessian)
-        if recover == 0 and perturb and _has_zero(p, rounded):
-            self._zero_chunks.add(job.key)
-        generator.manual_seed(job.seed)
-        z.normal_(generator=generator)
-        t = z if h is None else torch.rsqrt(h, out=t).mul_(z)
-        if recover and job.key in self._zero_chunks:
-            # round(s - d) is the only preimage of s unless s crossed into a larger binade; 0 wins whenever it maps to
-            # s too. d comes from the same alpha-form add as the perturbation, so both see the same rounding.
-            torch.eq(p, torch.mul(t, recover * self.eps, out=rounded), out=mask)
-            p.add_(t, alpha=-recover * self.eps).masked_fill_(mask, 0.0)
-        elif recover:
-            p.add_(t, alpha=-recover * self.eps)
-        if perturb:
-            p.add_(t, alpha=perturb * self.eps)
-        if job.update is None:
+    def _chunk(self, job: Chunk, slot: Slot, seed: int, signs: tuple[float, float]) -> None:
+        p, h = job.flat, job.hess
+        z = self._sweeper.draw(slot, mix(seed, *job.key), p.numel())
+        t = z if h is None else torch.rsqrt(h, out=slot.scaled[: p.numel()]).mul_(z)
+        self._sweeper.round_trip(job, slot, t, *signs)
+        if job.payload is None:
             return
-        record, lr, group = job.update
+        record, lr, group = job.payload
         alpha, unbiased = group["hessian_smooth"], self.hessian_estimator == "unbiased"
         if h is not None and alpha > 0:
-            scale = alpha * (record.curvature if unbiased else abs(record.curvature))
-            torch.mul(z, z, out=t).sub_(1.0 if unbiased else 0.0).mul_(scale).add_(1.0 - alpha)
+            curvature = record.curvature * self._unbiased_scale if unbiased else abs(record.curvature)
+            # (1 - alpha) + alpha c (z^2 - [1]) in one pass: addcmul(1 - alpha - [alpha c], z, z, value=alpha c).
+            scale = alpha * curvature
+            base = torch.tensor(1.0 - alpha - (scale if unbiased else 0.0), dtype=torch.float32, device=z.device)
+            torch.addcmul(base, z, z, value=scale, out=t)
             h.mul_(t).clamp_(min=self.hessian_min)
             torch.rsqrt(h, out=t).mul_(z)
         if lr * group["weight_decay"] != 0:
             p.mul_(1.0 - lr * group["weight_decay"])
         if lr * record.projected_grad != 0:
             p.add_(t, alpha=-lr * record.projected_grad)
-
-
-class _Job(NamedTuple):
-    """One chunk of one trainable tensor: its view, its Hessian view, its z seed, its (tensor, chunk) key."""
-
-    flat: torch.Tensor
-    hess: torch.Tensor | None
-    seed: int
-    key: tuple[int, int]
-    update: tuple[ZOStepRecord, float, dict[str, Any]] | None
-
-
-def _evaluate(closure: Callable[[], Any]) -> tuple[Any, float]:
-    """Run the closure without autograd and check that it gave a scalar loss."""
-    with torch.no_grad():
-        loss = closure()
-    if isinstance(loss, torch.Tensor) and loss.requires_grad:
-        raise EdgetuneError("the HiZOO closure returned a loss that requires grad", "don't enable grad in it")
-    if not (isinstance(loss, (int, float)) or (isinstance(loss, torch.Tensor) and loss.numel() == 1)):
-        raise EdgetuneError(f"the HiZOO closure returned {type(loss).__name__}", "return the scalar loss")
-    return loss, float(loss)
-
-
-def _slots(buffer: torch.Tensor, n: int, dtype: torch.dtype, hessian: bool) -> tuple[torch.Tensor, ...]:
-    """Views of n elements into the byte buffer: z, z/sqrt(H) (MeZO: z again), d in the parameter dtype, a mask."""
-    size = buffer.numel() // (13 if hessian else 9)
-    t_at, r_at = (4 * size, 8 * size) if hessian else (0, 4 * size)
-    z = buffer[: 4 * size].view(torch.float32)[:n]
-    t = buffer[t_at : t_at + 4 * size].view(torch.float32)[:n]
-    rounded = buffer[r_at : r_at + 4 * size].view(dtype)[:n]
-    return z, t, rounded, buffer[r_at + 4 * size : r_at + 5 * size].view(torch.bool)[:n]
-
-
-def _new_slot(device: torch.device, nbytes: int) -> tuple[torch.Generator, torch.Tensor]:
-    return torch.Generator(device=device), torch.empty(nbytes, dtype=torch.uint8, device=device)
-
-
-def _has_zero(x: torch.Tensor, scratch: torch.Tensor) -> bool:
-    """Whether x holds a +0 or -0, read as integers without the sign bit: on CPU a third of the cost of abs or == 0."""
-    ints, magnitude = (torch.int16, 0x7FFF) if x.element_size() == 2 else (torch.int32, 0x7FFFFFFF)
-    return bool(torch.bitwise_and(x.view(ints), magnitude, out=scratch.view(ints)).amin() == 0)
 
 
 def MeZO(params: Iterable[Any], **kwargs: Any) -> HiZOO:

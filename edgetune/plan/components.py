@@ -138,7 +138,8 @@ def _zeroth_order_phases(spec, strategy: ZerothOrder, run, shapes, stack: Stack)
     from edgetune.optim import hizoo
 
     largest = max((r * max(i, o) for r, i, o in shapes), default=0) if strategy.lora else spec.largest_tensor_params
-    buffer = hizoo.buffer_bytes(largest, strategy.hessian, hizoo.CPU_CHUNK_NUMEL)
+    # HiZOO keeps z / sqrt(H) and FZOO its summed update in a second fp32 slot; MeZO needs none.
+    buffer = hizoo.buffer_bytes(largest, strategy.optimizer != "mezo", hizoo.CPU_CHUNK_NUMEL)
     return {
         "forward": (
             loss_component(spec, strategy, run, stack, backprop=False),
@@ -193,7 +194,7 @@ def _state_note(strategy: Strategy) -> str:
     if isinstance(strategy, Inference):
         return "none (generation)"
     if isinstance(strategy, ZerothOrder):
-        return "fp32 diagonal Hessian" if strategy.hessian else "none (MeZO)"
+        return {"hizoo": "fp32 diagonal Hessian", "mezo": "none (MeZO)", "fzoo": "none (FZOO)"}[strategy.optimizer]
     return {
         "adafish": "momentum + r x r Fisher per factor",
         "scaled_adamw": "Adam moments in fp32",

@@ -28,8 +28,9 @@ OPTIMIZERS: dict[str, str] = {
     "scaled-adamw": "scaled_adamw",
     "hizoo": "hizoo",
     "mezo": "mezo",
+    "fzoo": "fzoo",
 }
-ZEROTH_ORDER = ("hizoo", "mezo")
+ZEROTH_ORDER = ("hizoo", "mezo", "fzoo")
 LORA_ONLY = ("adafish", "scaled-adamw")
 
 
@@ -41,7 +42,7 @@ class RunOptions:
         method: full (every parameter), lora (adapters on a 16-bit base), qlora (adapters on an NF4 base) or
             inference (generation: weights, KV cache, one forward).
         precision: the base weights' precision: fp32, bf16, fp16 or nf4 (qlora implies nf4).
-        optimizer: a key of ``OPTIMIZERS`` (hizoo and mezo are forward-only).
+        optimizer: a key of ``OPTIMIZERS`` (hizoo, mezo and fzoo are forward-only).
         checkpointing: on, off, or offload (checkpoints in host memory); default: the stack's recipe.
         stack: the tool whose storage choices are priced (``stacks.STACKS``).
         loss: full, chunked or fused, when the run differs from the stack (a Liger or Cut Cross-Entropy plugin).
@@ -119,7 +120,7 @@ def strategy_for(options: RunOptions, stack: Stack) -> Strategy:
     if optimizer in ZEROTH_ORDER:
         return ZerothOrder(
             name=f"{optimizer}-{method}{suffix}",
-            hessian=optimizer == "hizoo",
+            optimizer=optimizer,  # type: ignore[arg-type]  (one of ZEROTH_ORDER)
             base=precision,
             lora=lora,
             default_lr=1e-4 if lora else 1e-6,

@@ -21,6 +21,9 @@ DTYPE_BYTES: dict[str, int] = {"fp32": 4, "bf16": 2, "fp16": 2}
 BackpropOptimizer = Literal[
     "adafish", "scaled_adamw", "adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit", "adafactor", "sgd"
 ]
+ZerothOrderOptimizer = Literal["hizoo", "mezo", "fzoo"]
+# FZOO's perturbed losses per step (edgetune.optim.FZOO's default ``directions``); a step costs one forward more.
+FZOO_DIRECTIONS = 8
 # Every linear of a Llama-style block; "all-linear" in peft terms minus the head.
 DEFAULT_LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # peft's name for "every linear layer except the output head"; accepted as the only entry of a target list.
@@ -56,11 +59,11 @@ class Backprop:
 
 @dataclass(frozen=True, kw_only=True)
 class ZerothOrder:
-    """Forward-only training with seeded in-place perturbations (HiZOO with the Hessian, MeZO without).
+    """Forward-only training with seeded in-place perturbations: HiZOO, MeZO or FZOO.
 
     Attributes:
         name: the key in ``STRATEGIES``.
-        hessian: HiZOO's diagonal Hessian (three forwards per step) or plain MeZO (two).
+        optimizer: hizoo (a diagonal Hessian, three forwards per step), mezo (two) or fzoo (``FZOO_DIRECTIONS`` + 1).
         base: precision the base weights are loaded in.
         lora: perturb LoRA adapters over a frozen base (else every parameter).
         default_lr: the learning rate used when the config leaves ``train.lr`` empty.
@@ -68,15 +71,15 @@ class ZerothOrder:
     """
 
     name: str
-    hessian: bool
+    optimizer: ZerothOrderOptimizer
     base: Precision
     lora: bool
     default_lr: float
     summary: str
 
     @property
-    def optimizer(self) -> str:
-        return "hizoo" if self.hessian else "mezo"
+    def hessian(self) -> bool:
+        return self.optimizer == "hizoo"
 
     @property
     def checkpointing(self) -> bool:
@@ -88,7 +91,7 @@ class ZerothOrder:
 
     @property
     def forwards_per_step(self) -> int:
-        return 3 if self.hessian else 2
+        return {"hizoo": 3, "mezo": 2, "fzoo": FZOO_DIRECTIONS + 1}[self.optimizer]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -144,7 +147,7 @@ STRATEGIES: dict[str, Strategy] = {
         ),
         ZerothOrder(
             name="hizoo-qlora",
-            hessian=True,
+            optimizer="hizoo",
             base="nf4",
             lora=True,
             default_lr=1e-4,
@@ -152,7 +155,7 @@ STRATEGIES: dict[str, Strategy] = {
         ),
         ZerothOrder(
             name="mezo-qlora",
-            hessian=False,
+            optimizer="mezo",
             base="nf4",
             lora=True,
             default_lr=1e-4,
@@ -160,7 +163,7 @@ STRATEGIES: dict[str, Strategy] = {
         ),
         ZerothOrder(
             name="hizoo-full",
-            hessian=True,
+            optimizer="hizoo",
             base="bf16",
             lora=False,
             default_lr=1e-6,
@@ -168,11 +171,27 @@ STRATEGIES: dict[str, Strategy] = {
         ),
         ZerothOrder(
             name="mezo-full",
-            hessian=False,
+            optimizer="mezo",
             base="bf16",
             lora=False,
             default_lr=1e-6,
             summary="MeZO (forward-only) on every bf16 parameter",
+        ),
+        ZerothOrder(
+            name="fzoo-qlora",
+            optimizer="fzoo",
+            base="nf4",
+            lora=True,
+            default_lr=1e-4,
+            summary="FZOO (forward-only, 9 forwards a step) on LoRA over an NF4 base",
+        ),
+        ZerothOrder(
+            name="fzoo-full",
+            optimizer="fzoo",
+            base="bf16",
+            lora=False,
+            default_lr=1e-6,
+            summary="FZOO (forward-only, 9 forwards a step) on every bf16 parameter",
         ),
         Backprop(
             name="adamw-lora-gc",

@@ -120,7 +120,7 @@ class TrainSection:
     warmup_ratio: float = _field(0.0, "warmup as a share of all steps, in [0, 1); use it or warmup_steps")
     weight_decay: float = _field(0.0, "decoupled weight decay of the optimizer")
     max_grad_norm: float | None = _field(1.0, "clip the gradient norm to this (backprop strategies); null: no clipping")
-    zo_eps: float | None = _field(None, "perturbation scale of HiZOO/MeZO; null uses 1e-3")
+    zo_eps: float | None = _field(None, "perturbation scale of HiZOO/MeZO/FZOO; null uses 1e-3")
     batch_size: int = _field(DEFAULT_BATCH_SIZE, "examples per forward pass: more memory, smoother steps")
     grad_accumulation: int = _field(1, "batches summed into one optimizer step (backprop strategies only)")
     eval_every: int = _field(DEFAULT_EVAL_EVERY, "optimizer steps between validation losses")
@@ -196,7 +196,7 @@ class TrainSection:
         if self.zo_eps is not None and strategy is not None and strategy.needs_backward:
             raise EdgetuneError(
                 f"train.zo_eps={self.zo_eps} has no effect with the backprop strategy {self.strategy}",
-                "set train.zo_eps=null, or pick hizoo-qlora, mezo-qlora, hizoo-full or mezo-full",
+                "set train.zo_eps=null, or pick a forward-only strategy (hizoo-, mezo- or fzoo-qlora / -full)",
             )
 
     @property

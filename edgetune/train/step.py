@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from edgetune.plan.strategies import Strategy, ZerothOrder
+from edgetune.plan.strategies import FZOO_DIRECTIONS, Strategy, ZerothOrder
 from edgetune.train.chunked_loss import causal_lm_loss, causal_lm_loss_and_sampled_grad
 
 Batch = dict[str, torch.Tensor]
@@ -29,7 +29,7 @@ class OptimizerSettings:
     Attributes:
         lr: learning rate.
         weight_decay: decoupled weight decay (every edgetune optimizer and torch AdamW decouple it).
-        zo_eps: perturbation scale of the zeroth-order optimizers; None keeps HiZOO's default.
+        zo_eps: perturbation scale of the zeroth-order optimizers; None keeps the optimizer's default (1e-3).
         seed: seeds the zeroth-order perturbations.
     """
 
@@ -60,14 +60,17 @@ def make_optimizer(
     strategy: Strategy, model: torch.nn.Module, settings: OptimizerSettings | None = None
 ) -> torch.optim.Optimizer:
     """The optimizer a strategy trains ``model`` with, over its trainable parameters (default: its default rate)."""
-    from edgetune.optim import AdaFish, HiZOO, ScaledAdamW
+    from edgetune.optim import FZOO, AdaFish, HiZOO, ScaledAdamW
 
     settings = settings or OptimizerSettings(lr=strategy.default_lr)
     decay = settings.weight_decay
     if isinstance(strategy, ZerothOrder):
         trainable = [p for p in model.parameters() if p.requires_grad]
-        eps = {} if settings.zo_eps is None else {"eps": settings.zo_eps}
-        return HiZOO(trainable, lr=settings.lr, hessian=strategy.hessian, seed=settings.seed, weight_decay=decay, **eps)
+        common = {"lr": settings.lr, "seed": settings.seed, "weight_decay": decay}
+        common.update({} if settings.zo_eps is None else {"eps": settings.zo_eps})
+        if strategy.optimizer == "fzoo":
+            return FZOO(trainable, directions=FZOO_DIRECTIONS, **common)
+        return HiZOO(trainable, hessian=strategy.hessian, **common)
     if strategy.optimizer == "adafish":
         return AdaFish.from_model(model, lr=settings.lr, weight_decay=decay)
     if strategy.optimizer == "scaled_adamw":
@@ -145,6 +148,6 @@ def _forward_only_step(model, optimizer, micro_batches: Sequence[Batch], check_m
         loss = float(optimizer.step(closure))
     finally:
         model.train(was_training)
-    # HiZOO skips the update when l+, l- or l0 is not finite; count it like a non-finite loss.
+    # HiZOO and FZOO skip the update when a loss is not finite; count it like a non-finite loss.
     log = getattr(optimizer, "log", None)
     return loss, bool(log) and log[-1].skipped

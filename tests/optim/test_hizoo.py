@@ -92,7 +92,7 @@ def test_round_trip_comes_back_within_one_ulp_of_the_perturbed_value(dtype):
     worst, moved, off, total = 0.0, 0, 0, 0
     for trial, (theta, eps, hessian) in enumerate(spread_trials(dtype)):
         p = torch.nn.Parameter(theta.clone())
-        opt = HiZOO([p], lr=0.0, eps=eps, chunk_numel=1024, workers=1)
+        opt = HiZOO([p], lr=0.0, eps=eps, chunk_numel=1024, workers=1, perturbation="gaussian")
         opt.state[p]["hessian"] = hessian
         for sign in (1, -1):
             with torch.no_grad():
@@ -176,9 +176,9 @@ def test_work_buffer_is_one_chunk_per_worker_not_model_sized(hessian, workers):
     params = [torch.nn.Parameter(torch.zeros(1000)), torch.nn.Parameter(torch.zeros(30))]
     opt = HiZOO(params, lr=1e-3, hessian=hessian, chunk_numel=256, workers=workers)
     opt.step(lambda: quad_loss(params))
-    (slots,) = opt._work.values()
-    assert len(slots) == workers and len({id(generator) for generator, _ in slots}) == workers
-    assert sum(buffer.numel() for _, buffer in slots) == buffer_bytes(1000, hessian, 256, workers)
+    (slots,) = opt._sweeper._work.values()
+    assert len(slots) == workers and len({id(slot.generator) for slot in slots}) == workers
+    assert sum(slot.buffer.numel() for slot in slots) == buffer_bytes(1000, hessian, 256, workers)
     assert buffer_bytes(1000, hessian, 256, workers) == workers * 256 * (13 if hessian else 9)
     opt.close()
 
@@ -186,7 +186,7 @@ def test_work_buffer_is_one_chunk_per_worker_not_model_sized(hessian, workers):
 def test_state_and_buffer_bytes_are_pure_formulas():
     assert state_bytes(1_000_000, hessian=True) == 4_000_000
     assert state_bytes(1_000_000, hessian=False) == 0
-    assert buffer_bytes(10, hessian=True, chunk_numel=1 << 18) == 130
+    assert buffer_bytes(10, hessian=True, chunk_numel=1 << 18) == 13 * 32  # whole words of 32 random bits
     assert buffer_bytes(10**9, hessian=False, chunk_numel=1 << 18) == 9 << 18
     assert buffer_bytes(10**9, hessian=True, chunk_numel=1 << 18, workers=2) == 26 << 18
 
@@ -226,11 +226,11 @@ def test_workers_stay_out_of_state_dict_and_restore_thread_count():
     threads = torch.get_num_threads()
     opt = HiZOO(params, lr=1e-2, chunk_numel=128, workers=3)
     opt.step(lambda: quad_loss(params))
-    assert torch.get_num_threads() == threads and opt._pool is not None
+    assert torch.get_num_threads() == threads and opt._sweeper._pool is not None
     buffer = io.BytesIO()
     torch.save(opt.state_dict(), buffer)  # a thread pool could not be pickled
     opt.close()
-    assert opt._pool is None
+    assert opt._sweeper._pool is None
     opt.step(lambda: quad_loss(params))  # the threads come back on demand
     opt.close()
 
@@ -240,11 +240,11 @@ def test_a_failing_chunk_raises_after_every_worker_stopped():
     opt = HiZOO(params, lr=1e-2, hessian=False, chunk_numel=64, workers=3)
     chunk, seen = opt._chunk, []
 
-    def failing(job, slot, signs):
+    def failing(job, slot, seed, signs):
         seen.append(job.key)
         if job.key == (0, 5):
             raise RuntimeError("chunk failed")
-        chunk(job, slot, signs)
+        chunk(job, slot, seed, signs)
 
     opt._chunk = failing
     with pytest.raises(RuntimeError, match="chunk failed"):
@@ -282,7 +282,7 @@ def test_hizoo_step_matches_formula(estimator):
     z = (plus - theta) / eps  # H starts at 1
     assert torch.allclose(minus, theta - eps * z, atol=1e-6)
     c = (lp + lm - 2 * l0) / (2 * eps**2)
-    est = abs(c) * z**2 if estimator == "released" else c * (z**2 - 1)
+    est = abs(c) * z**2 if estimator == "released" else c * (z**2 - 1) * 2  # sparse z: 2 / (E z^4 - 1) = 2
     h_new = ((1 - alpha) + alpha * est).clamp(min=1e-4)
     expected = theta - lr * ((lp - lm) / (2 * eps) * z / h_new.sqrt() + wd * theta)
     assert torch.allclose(opt.state[x]["hessian"].double(), h_new, rtol=1e-4)
@@ -325,6 +325,46 @@ def test_unbiased_hessian_estimate_approaches_true_diagonal():
     assert ((ratio - 1).abs() < 0.3).all() and abs(ratio.mean().item() - 1) < 0.1, ratio
     # The released estimator tracks the shape but inflates it about (d + 2) / 2 = 3 times.
     assert (mean_hessian("released", 800, 300) / h_true).mean() > 2
+
+
+@pytest.mark.parametrize("perturbation", ["gaussian", "sparse"])
+def test_unbiased_increment_has_the_hessian_diagonal_as_its_mean(perturbation):
+    """E[c H (z^2 - 1)] 2 / (kappa - 1) = A_ii on a quadratic with off-diagonal curvature (the module's derivation).
+
+    H is reset to 1 before each step, so with alpha small and no clamp the increment is (H_new - (1 - alpha)) / alpha.
+    """
+    d, alpha = 6, 1e-3
+    a = torch.diag(torch.arange(1.0, d + 1, dtype=torch.float64)) + 0.3 * (1 - torch.eye(d, dtype=torch.float64))
+    x = torch.nn.Parameter(torch.linspace(-1, 1, d))
+    opt = HiZOO([x], lr=0.0, eps=0.1, hessian_smooth=alpha, hessian_estimator="unbiased", perturbation=perturbation)
+    samples = []
+    for _ in range(4000):
+        opt.state[x]["hessian"] = torch.ones(d)
+        opt.step(lambda: 0.5 * x.double() @ a @ x.double())
+        samples.append((opt.state[x]["hessian"].double() - (1 - alpha)) / alpha)
+    stacked = torch.stack(samples)
+    mean, standard_error = stacked.mean(0), stacked.std(0) / len(samples) ** 0.5
+    assert ((mean - a.diag()).abs() < 4 * standard_error).all(), (mean, standard_error)
+    if perturbation == "sparse":  # without the 2 / (kappa - 1) = 2 factor the trace would come out halved
+        traces = stacked.sum(1)
+        trace_error = traces.std() / len(samples) ** 0.5
+        assert abs(traces.mean() - a.trace()) < 4 * trace_error < abs(traces.mean() / 2 - a.trace())
+
+
+def test_rademacher_cannot_estimate_a_diagonal_so_hizoo_refuses_it():
+    """z^2 = 1 makes every coordinate's increment c (z_i^2 - 1) zero: the diagonal is not identifiable."""
+    with pytest.raises(ValueError, match="sparse"):
+        HiZOO([torch.nn.Parameter(torch.ones(3))], perturbation="rademacher")
+    MeZO([torch.nn.Parameter(torch.ones(3))], perturbation="rademacher")  # the gradient estimate needs only E z^2
+
+
+def test_a_state_saved_before_the_perturbation_option_resumes_as_gaussian():
+    x = torch.nn.Parameter(torch.ones(4))
+    saved = HiZOO([x], perturbation="gaussian").state_dict()
+    del saved["state"]["perturbation"]
+    HiZOO([x], perturbation="gaussian").load_state_dict(saved)
+    with pytest.raises(EdgetuneError, match="perturbation=gaussian"):
+        HiZOO([x]).load_state_dict(saved)
 
 
 def test_hizoo_beats_mezo_at_equal_forward_passes_on_ill_conditioned_quadratic():

@@ -96,6 +96,19 @@ def test_optimizer_settings_reach_every_optimizer():
         assert (group["lr"], group["weight_decay"]) == (0.5, 0.25), name
     zeroth = make_optimizer(STRATEGIES["mezo-qlora"], lora_model(0.0), settings)
     assert zeroth.eps == 2e-3 and not zeroth.hessian and zeroth.state["base_seed"] == 7
+    fzoo = make_optimizer(STRATEGIES["fzoo-qlora"], lora_model(0.0), settings)
+    assert type(fzoo).__name__ == "FZOO" and fzoo.eps == 2e-3 and fzoo.state["base_seed"] == 7
+    assert fzoo.directions + 1 == STRATEGIES["fzoo-qlora"].forwards_per_step
+
+
+def test_an_fzoo_step_runs_its_forwards_in_eval_mode_and_moves_the_adapters():
+    strategy, model = STRATEGIES["fzoo-qlora"], lora_model(0.0)
+    before, calls = trainable(model), []
+    model.get_input_embeddings().register_forward_pre_hook(lambda module, args: calls.append(module.training))
+    outcome = run_step(strategy, model, make_optimizer(strategy, model, OptimizerSettings(lr=1e-3)), [batch()])
+    assert calls == [False] * strategy.forwards_per_step and model.training
+    assert not outcome.skipped and outcome.grad_norm is None and math.isfinite(outcome.loss)
+    assert any(not torch.equal(before[n], p) for n, p in trainable(model).items())
 
 
 def test_run_step_feeds_adafish_true_fisher_on_fisher_steps_and_updates_with_the_data_gradient(monkeypatch):
