@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from adafish_variants import VARIANTS as ADAFISH_VARIANTS  # bench/adafish_variants.py
 
 from edgetune.optim import FZOO, AdaFish, HiZOO, MeZO, ScaledAdamW
 from edgetune.plan.strategies import FZOO_DIRECTIONS
@@ -82,11 +83,6 @@ OPTIMIZERS: dict[str, Method] = {
     "fzoo": Method(fzoo, (1e-5, 3e-5, 1e-4), lambda o: o.get("directions", FZOO_DIRECTIONS) + 1),
 }
 # Variants: keyword arguments for the optimizer's constructor, chosen with --variant; "default" is what edgetune uses.
-ADAFISH_VARIANTS: dict[str, Options] = {
-    "default": {},
-    "identity": {"fisher": "identity"},
-    "per-sample": {"fisher": "per_sample"},
-}
 HIZOO_VARIANTS: dict[str, Options] = {"default": {}, "smooth-1e-3": {"hessian_smooth": 1e-3}}
 VARIANTS: dict[str, dict[str, Options]] = {"adafish": ADAFISH_VARIANTS, "hizoo": HIZOO_VARIANTS}
 

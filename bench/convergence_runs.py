@@ -62,7 +62,13 @@ def train_backprop(
         model.train()
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        loss = task.loss(model, batch)
+        # AdaFish with the true Fisher asks for the gradient at labels drawn from the model on some steps.
+        fisher = optimizer.sampled_fisher() if hasattr(optimizer, "sampled_fisher") else None
+        if fisher is None:
+            loss = task.loss(model, batch)
+        else:
+            loss, output, sampled_grad = task.sampled_loss(model, batch, fisher.generator)
+            fisher.backward(output, sampled_grad)
         loss.backward()
         optimizer.step()
         step_s.append(time.perf_counter() - start)

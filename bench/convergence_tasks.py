@@ -25,10 +25,11 @@ import sentiment  # bench/sentiment.py (the bench folder is on sys.path)
 import torch
 import yaml
 
+from edgetune.optim.adafish_true_fisher import sampled_logits_grad
 from edgetune.plan.registry import fetch_wheel_member
 from edgetune.plan.sources import cache_dir
 from edgetune.train.batching import batches, pad_token_id
-from edgetune.train.chunked_loss import causal_lm_loss
+from edgetune.train.chunked_loss import causal_lm_loss, causal_lm_loss_and_sampled_grad
 from edgetune.train.data import DataConfig, load_dataset
 from edgetune.train.evaluation import held_out_loss
 from edgetune.train.tokens import sample_pairs, truncate_pairs
@@ -64,6 +65,8 @@ class Task:
         evaluate: held-out ``loss`` (and ``accuracy`` for sentiment) of the model; called in eval mode, no grad.
         batches: endless training batches for ``(seed, batch_size)``; the order depends only on the seed.
         facts: what the report prints about the data (source, sizes, sequence length, baselines).
+        sampled_loss: ``(model, batch, generator) -> (loss, output, grad of the loss at labels drawn from the model
+            with respect to output)`` from one forward, for AdaFish's true Fisher (``AdaFish.sampled_fisher``).
     """
 
     name: str
@@ -72,6 +75,7 @@ class Task:
     evaluate: Callable[[torch.nn.Module], dict[str, float]]
     batches: Callable[[int, int], Iterator[Batch]]
     facts: dict[str, Any] = field(default_factory=dict)
+    sampled_loss: Callable[[torch.nn.Module, Batch, torch.Generator], tuple[torch.Tensor, ...]] | None = None
 
 
 def load_task(name: str, tokenizer: Any, held_out: int | None = None) -> Task:
@@ -115,6 +119,7 @@ def causal_lm_task(name: str, train: list[Any], val: list[Any], pad_id: int, fac
         evaluate=lambda model: {"loss": held_out_loss(model, val, EVAL_BATCH, pad_id, "cpu")},
         batches=lambda seed, batch_size: endless(train, batch_size, pad_id, seed),
         facts={**facts, "n_train": len(train), "n_held_out": len(val)},
+        sampled_loss=causal_lm_loss_and_sampled_grad,
     )
 
 
@@ -192,4 +197,14 @@ def sentiment_task(tokenizer: Any, held_out: int) -> Task:
         evaluate=lambda model: sentiment.evaluate(model, val, ids),
         batches=lambda seed, batch_size: sentiment.epochs(data.train, batch_size, pad_id, seed),
         facts=facts,
+        sampled_loss=lambda model, batch, generator: _verbalizer_sampled(model, batch, ids, generator),
     )
+
+
+def _verbalizer_sampled(
+    model: torch.nn.Module, batch: Batch, ids: torch.Tensor, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The verbalizer loss, its two logits, and the loss's gradient there at labels drawn from their softmax."""
+    logits = sentiment.verbalizer_logits(model, batch, ids)
+    loss = torch.nn.functional.cross_entropy(logits, batch["labels"])
+    return loss, logits, sampled_logits_grad(logits.detach(), generator)
