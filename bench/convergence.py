@@ -5,6 +5,7 @@
     python bench/convergence.py --task text --optimizer adamw --lrs 1e-4,3e-4 --seeds 0
     python bench/convergence.py --task sentiment --optimizer adafish --variant identity
     python bench/convergence.py --report                                # only rewrite the markdown
+    python bench/convergence.py --ladder        # only rewrite edgetune/plan/measured_convergence.py (the planner's)
 
 A run is (task, optimizer[/variant], lr, seed). The seed sets the LoRA initialisation, the batch order and the
 zeroth-order perturbations; the held-out sets are fixed (bench/convergence_tasks.py). Every run starts from the fp32
@@ -41,6 +42,7 @@ os.environ.setdefault("GOMP_SPINCOUNT", "20000")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # edgetune from this checkout, installed or not
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules, also when imported by the tests
 
+import convergence_ladder as ladder  # noqa: E402
 import convergence_optimizers as optimizers  # noqa: E402
 import convergence_report as report  # noqa: E402
 import convergence_tasks as tasks  # noqa: E402
@@ -53,6 +55,8 @@ from edgetune.train.loading import LoraSettings, load_model, load_tokenizer  # n
 
 logger = logging.getLogger("bench.convergence")
 RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+MEASURED_MODULE = ROOT / "edgetune" / "plan" / "measured_convergence.py"  # what the planner's ladder quotes
 LORA = LoraSettings(rank=8, alpha=16.0)  # the default targets: q, k, v, o, gate, up, down
 LOAD_S = 5.0  # loading the model and attaching fresh adapters, per run
 ZERO_ORDER_TASKS = ("sentiment",)  # where the zeroth-order optimizers run unless --task names others
@@ -228,6 +232,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--out", type=Path, default=RESULTS, help="folder of convergence.json and convergence.md")
     add("--plan", "--dry-run", action="store_true", help="print the runs and their estimated time; run nothing")
     add("--report", action="store_true", help="only rewrite the markdown from the stored runs")
+    add("--ladder", action="store_true", help=f"only rewrite {MEASURED_MODULE.relative_to(ROOT)} from the stored runs")
     return parser.parse_args(argv)
 
 
@@ -250,6 +255,11 @@ def main(argv: list[str] | None = None) -> int:
     results = load_results(args.out / "convergence.json")
     if args.report:
         write(results, args.out)
+        return 0
+    if args.ladder:
+        date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+        MEASURED_MODULE.write_text(ladder.module_source(results, date))
+        print(f"wrote {MEASURED_MODULE}; run ruff format on it")
         return 0
     budget = Budget(args.steps, args.eval_every, args.forwards, args.zo_eval_every, args.batch_size)
     try:

@@ -185,7 +185,8 @@ def _add_plan(commands: argparse._SubParsersAction, common: argparse.ArgumentPar
         help="size every strategy for a model and run shape, say what fits and pick one",
         description="Size every strategy (weights, adapters, gradients, optimizer state, activations, logits, "
         "slack) against the free memory of this machine, a device profile or an explicit budget, and recommend "
-        "the fastest-converging strategy that fits: AdaFish, then ScaledAdamW on QLoRA, then HiZOO. Reads the same "
+        "the first rung of the ladder that fits: AdaFish on LoRA, then ScaledAdamW on QLoRA, then the forward-only "
+        "optimizer measured best (each reason quotes bench/results/convergence.md). Reads the same "
         "YAML config as `edgetune train`; without one it plans the run `edgetune train` makes by default.",
     )
     sub.add_argument("source", nargs="?", metavar="CONFIG.yaml|MODEL", help="a train config, or a model to plan")

@@ -1,7 +1,8 @@
 """From estimates to decisions (pure): what fits a memory budget, which strategy to use, what to change.
 
-The recommendation follows one rule: walk ``strategies.LADDER`` from the fastest-converging strategy (AdaFish)
-to the leanest (HiZOO on a 4-bit base) and take the first whose total fits the usable memory. Usable memory is
+The recommendation follows one rule: walk ``strategies.LADDER`` from the rung that needs the most memory (AdaFish
+on LoRA) to the leanest (a forward-only optimizer on a 4-bit base) and take the first whose total fits the usable
+memory. Usable memory is
 the free memory minus a safety margin of max(300 MiB, 3% of the device's total).
 """
 

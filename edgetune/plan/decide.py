@@ -1,14 +1,16 @@
 """From sized strategies to a decision (pure): the plan of a run, the strategy it recommends, the one a run uses.
 
-The recommendation follows one rule: walk ``strategies.LADDER`` from the fastest-converging strategy (AdaFish) to
-the leanest (HiZOO on a 4-bit base) and take the first whose total fits the usable memory. ``decide`` turns a plan
-into the strategy a training run uses: the recommendation, or the strategy the config names when it fits (or
-when the user forces it).
+The recommendation follows one rule: walk ``strategies.LADDER`` from the rung that needs the most memory (AdaFish on
+LoRA, activations kept) to the leanest (a forward-only optimizer on a 4-bit base) and take the first whose total fits
+the usable memory; its reason quotes what bench/convergence.py measured for it (``ladder_evidence``). ``decide``
+turns a plan into the strategy a training run uses: the recommendation, or the strategy the config names when it
+fits (or when the user forces it).
 """
 
 from dataclasses import dataclass
 
 from edgetune.errors import EdgetuneError
+from edgetune.plan import ladder_evidence
 from edgetune.plan.budget import Budget, StrategyPlan, levers, size
 from edgetune.plan.components import RunShape
 from edgetune.plan.inventory import ModelSpec
@@ -97,13 +99,37 @@ def recommend(plans: dict[str, StrategyPlan]) -> str | None:
 
 
 def ladder_reason(recommended: str | None, plans: dict[str, StrategyPlan]) -> str:
-    """Why the recommendation was made, in one sentence."""
+    """Why the recommendation was made, in one sentence: where it sits on the ladder and what was measured for it."""
     if recommended is None:
         return "no strategy of the ladder fits; the changes below would reduce the leanest one"
     skipped = [name for name in LADDER[: LADDER.index(recommended)] if name in plans]
-    if not skipped:
-        return "the fastest-converging strategy fits with margin"
-    return f"the fastest-converging strategy that fits ({', '.join(skipped)} would not)"
+    where = "the first rung of the ladder that fits" + (f" ({', '.join(skipped)} would not)" if skipped else "")
+    strategy = STRATEGIES[recommended]
+    measured = (
+        ladder_evidence.backprop_clause(strategy.optimizer)
+        if strategy.needs_backward
+        else ladder_evidence.zeroth_order_clause(strategy.optimizer)
+    )
+    clauses = [where, *([f"measured: {measured}"] if measured else []), *_against_next_rung(recommended)]
+    return "; ".join(clauses)
+
+
+def _against_next_rung(recommended: str) -> list[str]:
+    """What the rung below offers that this one does not, when the measurements give this one no advantage."""
+    index = LADDER.index(recommended)
+    if index + 1 >= len(LADDER):
+        return []
+    this, below = STRATEGIES[recommended], STRATEGIES[LADDER[index + 1]]
+    if this.optimizer == below.optimizer:
+        return [f"same optimizer as {below.name}, without its recomputation"] if below.checkpointing else []
+    if this.needs_backward != below.needs_backward:
+        return []  # backprop against forward-only: not measured on the same budget
+    mine, theirs = (
+        ladder_evidence.BACKPROP_FIGURES.get(ladder_evidence.bench_name(s.optimizer)) for s in (this, below)
+    )
+    if mine is None or theirs is None or ladder_evidence.beats(mine, theirs):
+        return []
+    return [f"measured no better than {below.name}'s optimizer on held-out loss or step time"]
 
 
 def decide(result: PlanResult, requested: str | None, *, force: bool = False) -> Decision:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from edgetune.errors import EdgetuneError
+from edgetune.plan.ladder_evidence import best_zeroth_order
 
 Precision = Literal["fp32", "bf16", "fp16", "nf4"]
 # What edgetune trains in; the planner also sizes fp16 for runs in other tools (``edgetune plan --precision``).
@@ -214,9 +215,15 @@ STRATEGIES: dict[str, Strategy] = {
     )
 }
 
-# The recommendation rule walks this ladder from the fastest-converging strategy to the one that needs least
-# memory and takes the first that fits with margin.
-LADDER: tuple[str, ...] = ("adafish-lora", "adafish-lora-gc", "scaled-adamw-qlora-gc", "hizoo-qlora")
+# The recommendation rule walks this ladder from the rung that needs the most memory to the leanest and takes the
+# first that fits with margin. The forward-only rung is the optimizer bench/convergence.py measured best at equal
+# forward passes (ladder_evidence.best_zeroth_order); each rung's reason quotes its measurements.
+LADDER: tuple[str, ...] = (
+    "adafish-lora",
+    "adafish-lora-gc",
+    "scaled-adamw-qlora-gc",
+    f"{best_zeroth_order()}-qlora",
+)
 
 
 def get_strategy(name: str) -> Strategy:

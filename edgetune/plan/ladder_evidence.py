@@ -1,0 +1,100 @@
+"""Why each rung of the ladder is there, in figures the convergence benchmark measured (pure).
+
+The ladder (``strategies.LADDER``) is walked from the rung that needs the most memory to the leanest, and the plan
+recommends the first that fits. A rung earns its place above the next one only if it is better on some axis: the
+held-out loss it reaches (at equal steps or equal wall-clock) or its step time; otherwise the leaner rung would do.
+``rung_reason`` says what was measured for the recommended rung's optimizer against AdamW, and against the next rung
+down, in one clause, quoting ``measured_convergence`` (written by ``python bench/convergence.py --ladder`` from
+bench/results/convergence.json; tests/plan/test_ladder_evidence.py keeps the two equal). The zeroth-order rung is
+the forward-only optimizer with the lowest measured held-out loss at equal forward passes (``best_zeroth_order``).
+"""
+
+import math
+from typing import Any
+
+from edgetune.plan import measured_convergence
+
+SOURCE = "bench/results/convergence.md"
+# Differences of held-out loss smaller than this are within the seed-to-seed spread the benchmark measured on
+# SmolLM2 (about 0.01 nats), so they count as "the same loss".
+SAME_LOSS = 0.01
+# The benchmark's optimizer names for the strategies' optimizers.
+BENCH_NAMES = {"adafish": "adafish", "scaled_adamw": "scaled-adamw", "adamw": "adamw"}
+
+
+def best_zeroth_order(default: str = "hizoo") -> str:
+    """The forward-only optimizer with the lowest mean final held-out loss at its forward budget (``default`` if
+    nothing was measured)."""
+    losses = {
+        name: sum(task["loss"] for task in tasks.values()) / len(tasks)
+        for name, tasks in measured_convergence.ZEROTH_ORDER.items()
+        if tasks and all(math.isfinite(task["loss"]) for task in tasks.values())
+    }
+    return min(losses, key=losses.__getitem__) if losses else default
+
+
+BACKPROP_FIGURES: dict[str, dict[str, Any]] = measured_convergence.BACKPROP
+
+
+def bench_name(optimizer: str) -> str:
+    """The benchmark's name for a strategy's optimizer (``scaled_adamw`` -> ``scaled-adamw``)."""
+    return BENCH_NAMES.get(optimizer, optimizer)
+
+
+def beats(mine: dict[str, Any], theirs: dict[str, Any]) -> bool:
+    """Whether one optimizer's figures beat another's on any axis: loss at equal steps, at equal wall-clock, or
+    step time (a loss gap within ``SAME_LOSS`` is no advantage)."""
+    return (
+        mine["loss_vs_adamw"] < theirs["loss_vs_adamw"] - SAME_LOSS
+        or mine["wall_loss_vs_adamw"] < theirs["wall_loss_vs_adamw"] - SAME_LOSS
+        or mine["step_time_vs_adamw"] < 0.95 * theirs["step_time_vs_adamw"]
+    )
+
+
+def backprop_clause(optimizer: str) -> str | None:
+    """What was measured for a backprop optimizer against AdamW, or None if it was not measured."""
+    name = bench_name(optimizer)
+    figures: dict[str, Any] | None = BACKPROP_FIGURES.get(name)
+    if figures is None:
+        return None
+    if name == "adamw":
+        return f"the baseline every rung is measured against ({', '.join(figures['tasks'])})"
+    loss = _loss_words(figures["loss_vs_adamw"])
+    wall = _loss_words(figures["wall_loss_vs_adamw"])
+    steps = [s for s in figures["steps_to_adamw_loss"] if s is not None]
+    reach = (
+        f"reached AdamW's {figures['steps']}-step loss by step {max(steps):g}"
+        if len(steps) == len(figures["steps_to_adamw_loss"])
+        else f"did not reach AdamW's {figures['steps']}-step loss on every task"
+    )
+    return (
+        f"{loss} at equal steps and {wall} at equal wall-clock, {figures['step_time_vs_adamw']:.2f}x its step "
+        f"time; {reach} ({', '.join(figures['tasks'])}; {SOURCE})"
+    )
+
+
+def zeroth_order_clause(optimizer: str) -> str | None:
+    """What was measured for a forward-only optimizer against the other forward-only ones, or None."""
+    tasks: dict[str, dict[str, Any]] | None = measured_convergence.ZEROTH_ORDER.get(optimizer)
+    if not tasks:
+        return None
+    parts = []
+    for task, figures in tasks.items():
+        others = {
+            other: measured[task]["loss"]
+            for other, measured in measured_convergence.ZEROTH_ORDER.items()
+            if other != optimizer and task in measured
+        }
+        against = ", ".join(f"{other} {loss:.3f}" for other, loss in sorted(others.items()))
+        accuracy = f", accuracy {figures['accuracy']:.3f}" if math.isfinite(figures["accuracy"]) else ""
+        parts.append(
+            f"{task}: held-out loss {figures['loss']:.3f}{accuracy} after {figures['forwards']} forward passes"
+            + (f" (vs {against})" if against else "")
+        )
+    return "; ".join(parts) + f" ({SOURCE})"
+
+
+def _loss_words(delta: float) -> str:
+    if abs(delta) < SAME_LOSS:
+        return f"the same held-out loss as AdamW ({delta:+.3f})"
+    return f"held-out loss {delta:+.3f} vs AdamW"

@@ -1,0 +1,91 @@
+"""The ladder's reasons quote the convergence benchmark, and the quoted figures are the committed ones."""
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from edgetune.plan import decide, ladder_evidence, measured_convergence
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def bench_module(name: str):
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+
+
+def test_the_quoted_figures_are_the_committed_benchmark_results():
+    """measured_convergence.py must equal what bench/convergence.py --ladder writes from the committed JSON."""
+    ladder = bench_module("convergence_ladder")
+    path = ROOT / "bench" / "results" / "convergence.json"
+    summary = json.loads(path.read_text())["summary"] if path.exists() else {}
+    assert measured_convergence.BACKPROP == ladder.backprop_figures(summary), "rerun bench/convergence.py --ladder"
+    zeroth = ladder.zeroth_order_figures(summary)
+    assert json.dumps(measured_convergence.ZEROTH_ORDER, sort_keys=True) == json.dumps(zeroth, sort_keys=True)
+
+
+def figures(loss, wall, step_time, steps=(40, 60)):
+    return {
+        "tasks": ("sentiment", "text"),
+        "loss_vs_adamw": loss,
+        "wall_loss_vs_adamw": wall,
+        "step_time_vs_adamw": step_time,
+        "steps_to_adamw_loss": steps,
+        "steps": 100,
+    }
+
+
+def test_backprop_clause_says_what_was_measured(monkeypatch):
+    table = {"adafish": figures(0.004, 0.02, 1.12, (100, None)), "scaled-adamw": figures(-0.05, -0.04, 0.9)}
+    monkeypatch.setattr(ladder_evidence, "BACKPROP_FIGURES", table)
+    adafish = ladder_evidence.backprop_clause("adafish")
+    assert "the same held-out loss as AdamW (+0.004) at equal steps" in adafish
+    assert "held-out loss +0.020 vs AdamW at equal wall-clock, 1.12x its step time" in adafish
+    assert "did not reach AdamW's 100-step loss on every task" in adafish and "convergence.md" in adafish
+    scaled = ladder_evidence.backprop_clause("scaled_adamw")
+    assert "held-out loss -0.050 vs AdamW" in scaled and "reached AdamW's 100-step loss by step 60" in scaled
+    assert ladder_evidence.backprop_clause("sgd") is None
+    assert ladder_evidence.beats(table["scaled-adamw"], table["adafish"])
+    assert not ladder_evidence.beats(table["adafish"], table["scaled-adamw"])
+
+
+def test_the_plan_says_when_a_rung_is_no_better_than_the_next(monkeypatch):
+    table = {"adafish": figures(0.004, 0.02, 1.12), "scaled-adamw": figures(-0.05, -0.04, 0.9)}
+    monkeypatch.setattr(ladder_evidence, "BACKPROP_FIGURES", table)
+    reason = decide.ladder_reason("adafish-lora-gc", {"adafish-lora": None})
+    assert reason.startswith("the first rung of the ladder that fits (adafish-lora would not); measured: ")
+    assert reason.endswith("measured no better than scaled-adamw-qlora-gc's optimizer on held-out loss or step time")
+    assert "\n" not in reason
+    monkeypatch.setattr(ladder_evidence, "BACKPROP_FIGURES", {**table, "adafish": figures(-0.1, -0.1, 1.0)})
+    assert "no better" not in decide.ladder_reason("adafish-lora-gc", {})
+    assert "without its recomputation" in decide.ladder_reason("adafish-lora", {})
+
+
+def test_the_forward_only_rung_is_the_measured_best(monkeypatch):
+    def zo(loss):
+        return {"sentiment": {"lr": 1e-3, "forwards": 1000, "loss": loss, "accuracy": 0.7, "seconds": 60.0, "seeds": 1}}
+
+    monkeypatch.setattr(measured_convergence, "ZEROTH_ORDER", {"mezo": zo(0.66), "hizoo": zo(0.69), "fzoo": zo(0.6)})
+    assert ladder_evidence.best_zeroth_order() == "fzoo"
+    clause = ladder_evidence.zeroth_order_clause("fzoo")
+    assert "held-out loss 0.600, accuracy 0.700 after 1000 forward passes (vs hizoo 0.690, mezo 0.660)" in clause
+    monkeypatch.setattr(measured_convergence, "ZEROTH_ORDER", {"mezo": zo(math.nan)})
+    assert ladder_evidence.best_zeroth_order() == "hizoo"  # nothing usable measured: the default
+
+
+@pytest.mark.parametrize("name", ["adafish-lora", "scaled-adamw-qlora-gc"])
+def test_every_backprop_rung_quotes_its_measurement_when_there_is_one(name):
+    optimizer = decide.STRATEGIES[name].optimizer
+    reason = decide.ladder_reason(name, {})
+    has = ladder_evidence.bench_name(optimizer) in measured_convergence.BACKPROP
+    assert ("measured: " in reason) == has
