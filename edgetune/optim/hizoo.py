@@ -183,23 +183,29 @@ class HiZOO(torch.optim.Optimizer):
         perturbation: Perturbation | None = None,
     ) -> None:
         perturbation = perturbation or ("sparse" if hessian else "rademacher")
-        _check(perturbation in PERTURBATIONS, "perturbation", perturbation, f"use one of {PERTURBATIONS}")
-        blind = hessian and FOURTH_MOMENT[perturbation] == 1.0
-        _check(not blind, "perturbation", perturbation, "HiZOO needs E z^4 > 1 to see the diagonal: use sparse")
+        self.hessian, self._sweeper = hessian, None
         zo_sweep.check_common("HiZOO", eps, seed, chunk_numel, log_size, workers)
         estimators = ("released", "unbiased")
         _check(hessian_estimator in estimators, "hessian_estimator", hessian_estimator, f"use one of {estimators}")
         _check(math.isfinite(hessian_min) and hessian_min > 0, "hessian_min", hessian_min, "use a positive floor")
         self.eps, self.hessian, self.hessian_estimator = eps, hessian, hessian_estimator
-        self.hessian_min, self.perturbation = hessian_min, perturbation
-        # 2 / (kappa - 1) makes E[c H (z^2 - 1)] the Hessian diagonal for any z with E z^2 = 1 (module docstring).
-        self._unbiased_scale = 2.0 / (FOURTH_MOMENT[perturbation] - 1.0) if hessian else 0.0
+        self.hessian_min = hessian_min
         self.log: deque[ZOStepRecord] = deque(maxlen=log_size)
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, hessian_smooth=hessian_smooth))
         self.chunk_numel, self.workers = zo_sweep.defaults(self.param_groups, chunk_numel, workers)
-        self._sweeper = Sweeper(perturbation, hessian, self.chunk_numel, self.workers)
         self.state.update(step=0, skipped_steps=0, base_seed=seed, chunk_numel=self.chunk_numel, hessian=hessian)
-        self.state["perturbation"] = perturbation
+        self._use_perturbation(perturbation)
+
+    def _use_perturbation(self, perturbation: Perturbation) -> None:
+        _check(perturbation in PERTURBATIONS, "perturbation", perturbation, f"use one of {PERTURBATIONS}")
+        blind = self.hessian and FOURTH_MOMENT[perturbation] == 1.0
+        _check(not blind, "perturbation", perturbation, "HiZOO needs E z^4 > 1 to see the diagonal: use sparse")
+        self.perturbation = self.state["perturbation"] = perturbation
+        # 2 / (kappa - 1) makes E[c H (z^2 - 1)] the Hessian diagonal for any z with E z^2 = 1 (module docstring).
+        self._unbiased_scale = 2.0 / (FOURTH_MOMENT[perturbation] - 1.0) if self.hessian else 0.0
+        if getattr(self, "_sweeper", None) is not None:
+            self._sweeper.close()
+        self._sweeper = Sweeper(perturbation, self.hessian, self.chunk_numel, self.workers)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Validate a group's hyperparameters and trainable parameters, then add it as torch does.
@@ -281,11 +287,17 @@ class HiZOO(torch.optim.Optimizer):
         Args:
             state_dict: from ``state_dict()``.
 
+        A fresh optimizer (no step taken) adopts the saved ``perturbation``, so a run saved with another distribution
+        (before 2026-12 every run drew Gaussians) resumes drawing the same z, bit for bit.
+
         Raises:
-            EdgetuneError: the state was saved with another ``hessian``, ``chunk_numel`` or ``perturbation``.
+            EdgetuneError: the state was saved with another ``hessian`` or ``chunk_numel``, or another
+                ``perturbation`` after this optimizer took steps.
         """
         saved = {"perturbation": "gaussian", **state_dict["state"]}  # states saved before the option drew Gaussians
         for key in ("hessian", "chunk_numel", "perturbation"):
+            if key == "perturbation" and self.state["step"] == 0 and saved[key] != self.perturbation:
+                self._use_perturbation(saved[key])
             if saved.get(key, getattr(self, key)) != getattr(self, key):
                 problem = f"optimizer state saved with {key}={saved[key]}, this optimizer has {getattr(self, key)}"
                 raise EdgetuneError(problem, f"construct it with {key}={saved[key]} to resume")

@@ -358,13 +358,28 @@ def test_rademacher_cannot_estimate_a_diagonal_so_hizoo_refuses_it():
     MeZO([torch.nn.Parameter(torch.ones(3))], perturbation="rademacher")  # the gradient estimate needs only E z^2
 
 
-def test_a_state_saved_before_the_perturbation_option_resumes_as_gaussian():
-    x = torch.nn.Parameter(torch.ones(4))
-    saved = HiZOO([x], perturbation="gaussian").state_dict()
-    del saved["state"]["perturbation"]
-    HiZOO([x], perturbation="gaussian").load_state_dict(saved)
+def test_a_state_saved_before_the_perturbation_option_resumes_with_gaussian_draws_bit_for_bit():
+    def run(steps, state=None):
+        x = torch.nn.Parameter(torch.linspace(1.1, 1.9, 300))
+        opt = HiZOO([x], lr=1e-2, hessian_smooth=1e-2, perturbation=None if state else "gaussian")
+        if state is not None:
+            x.data.copy_(state[0])
+            opt.load_state_dict(state[1])  # a fresh optimizer (default: sparse) adopts the saved distribution
+        for _ in range(steps):
+            opt.step(lambda: (x**2).sum())
+        return x.detach().clone(), opt
+
+    straight, _ = run(4)
+    x, opt = run(2)
+    saved = opt.state_dict()
+    del saved["state"]["perturbation"]  # as written before the option existed
+    resumed, resumed_opt = run(2, (x, saved))
+    assert resumed_opt.perturbation == "gaussian" and same_bits(resumed, straight)
+    y = torch.nn.Parameter(torch.ones(300))
+    stepped = HiZOO([y], lr=1e-2)  # sparse, and no longer fresh
+    stepped.step(lambda: (y**2).sum())
     with pytest.raises(EdgetuneError, match="perturbation=gaussian"):
-        HiZOO([x]).load_state_dict(saved)
+        stepped.load_state_dict(saved)
 
 
 def test_hizoo_beats_mezo_at_equal_forward_passes_on_ill_conditioned_quadratic():
