@@ -198,7 +198,9 @@ def full_zo_speed(source: Any, batch: dict[str, torch.Tensor], plan: dict[str, A
     )
     mezo.close()
     hizoo.close()
-    return {"timings": timed, "trainable_params": sum(p.numel() for p in params), "workers": mezo.workers}
+    directions = {"MeZO": mezo.perturbation, "HiZOO": hizoo.perturbation}
+    count = sum(p.numel() for p in params)
+    return {"timings": timed, "trainable_params": count, "workers": mezo.workers, "directions": directions}
 
 
 def lora_zo_speed(source: Any, batch: dict[str, torch.Tensor], plan: dict[str, Any]) -> dict[str, Any]:
@@ -564,7 +566,9 @@ def speed_tables(speed_res: dict[str, Any]) -> list[str]:
     lines = [
         "",
         f"## Speed: zeroth-order steps over all {full['trainable_params']:,} bf16 parameters, batch {BATCH} x "
-        f"{SEQ} ({full['workers']} workers)",
+        f"{SEQ} ({full['workers']} workers; directions: "
+        + ", ".join(f"{k} {v}" for k, v in full.get("directions", {"MeZO": "gaussian", "HiZOO": "gaussian"}).items())
+        + ")",
         "",
         "| step | median s | CPU s | x reference | x forward |",
         "|---|---|---|---|---|",
