@@ -6,9 +6,10 @@ so the ladder's reasons cannot drift from the table they cite.
 
 Per backprop optimizer (the default variant, at its best rate on each task it shares with AdamW): the mean over those
 tasks of its final held-out loss minus AdamW's (both at their best rates, equal steps), of its loss at AdamW's
-training seconds minus AdamW's final loss (equal wall-clock), of its median step time over AdamW's, and the step at
-which its mean curve first reached AdamW's final loss on each task. Per zeroth-order optimizer (the default variant at
-its best rate, on the tasks it ran): final held-out loss and accuracy at its forward budget, and its training seconds.
+training seconds minus AdamW's final loss (equal wall-clock), of its median step time and its optimizer state over
+AdamW's, and the step at which its mean curve first reached AdamW's final loss on each task. Per zeroth-order
+optimizer (the default variant at its best rate, on the tasks it ran): final held-out loss and accuracy at its
+forward budget, and its training seconds.
 """
 
 import pprint
@@ -49,6 +50,7 @@ def backprop_figures(summary: dict[str, dict[str, dict[str, Any]]]) -> dict[str,
                 statistics.fmean(e["loss_at_adamw_seconds_mean"] - a["final_loss_mean"] for _, e, a in seen), 4
             ),
             "step_time_vs_adamw": round(statistics.fmean(e["step_time_ratio_vs_adamw"] for _, e, _ in seen), 3),
+            "state_vs_adamw": round(statistics.fmean(e["state_bytes"] / a["state_bytes"] for _, e, a in seen), 3),
             "steps_to_adamw_loss": tuple(e.get("steps_to_adamw_best") for _, e, _ in seen),
             "steps": seen[0][1]["steps"],
         }

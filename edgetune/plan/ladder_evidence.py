@@ -23,14 +23,18 @@ BENCH_NAMES = {"adafish": "adafish", "scaled_adamw": "scaled-adamw", "adamw": "a
 
 
 def best_zeroth_order(default: str = "hizoo") -> str:
-    """The forward-only optimizer with the lowest mean final held-out loss at its forward budget (``default`` if
-    nothing was measured)."""
-    losses = {
-        name: sum(task["loss"] for task in tasks.values()) / len(tasks)
-        for name, tasks in measured_convergence.ZEROTH_ORDER.items()
-        if tasks and all(math.isfinite(task["loss"]) for task in tasks.values())
-    }
-    return min(losses, key=losses.__getitem__) if losses else default
+    """The forward-only optimizer with the lowest mean final held-out loss at its forward budget, over the tasks on
+    which at least two were measured (one alone is no comparison); ``default`` when there is no such task."""
+    tasks: dict[str, dict[str, float]] = {}
+    for name, measured in measured_convergence.ZEROTH_ORDER.items():
+        for task, figures in measured.items():
+            if math.isfinite(figures["loss"]):
+                tasks.setdefault(task, {})[name] = figures["loss"]
+    compared = {task: losses for task, losses in tasks.items() if len(losses) >= 2}
+    names = set.intersection(*(set(losses) for losses in compared.values())) if compared else set()
+    if not names:
+        return default
+    return min(sorted(names), key=lambda name: sum(losses[name] for losses in compared.values()))
 
 
 BACKPROP_FIGURES: dict[str, dict[str, Any]] = measured_convergence.BACKPROP
@@ -62,14 +66,16 @@ def backprop_clause(optimizer: str) -> str | None:
     loss = _loss_words(figures["loss_vs_adamw"])
     wall = _loss_words(figures["wall_loss_vs_adamw"])
     steps = [s for s in figures["steps_to_adamw_loss"] if s is not None]
-    reach = (
-        f"reached AdamW's {figures['steps']}-step loss by step {max(steps):g}"
-        if len(steps) == len(figures["steps_to_adamw_loss"])
-        else f"did not reach AdamW's {figures['steps']}-step loss on every task"
-    )
+    target = f"AdamW's {figures['steps']}-step loss"
+    if len(steps) == len(figures["steps_to_adamw_loss"]):
+        reach = f"reached {target} by step {max(steps):g}"
+    else:
+        reach = f"did not reach {target}" + (" on every task" if steps else "")
+    verdict = "" if beats(figures, BACKPROP_FIGURES["adamw"]) else "no better than AdamW on loss or step time, "
     return (
         f"{loss} at equal steps and {wall} at equal wall-clock, {figures['step_time_vs_adamw']:.2f}x its step "
-        f"time; {reach} ({', '.join(figures['tasks'])}; {SOURCE})"
+        f"time; {reach}; {verdict}{figures['state_vs_adamw']:.2f}x its optimizer state "
+        f"({', '.join(figures['tasks'])}; {SOURCE})"
     )
 
 

@@ -40,27 +40,40 @@ def figures(loss, wall, step_time, steps=(40, 60)):
         "loss_vs_adamw": loss,
         "wall_loss_vs_adamw": wall,
         "step_time_vs_adamw": step_time,
+        "state_vs_adamw": 0.5,
         "steps_to_adamw_loss": steps,
         "steps": 100,
     }
 
 
 def test_backprop_clause_says_what_was_measured(monkeypatch):
-    table = {"adafish": figures(0.004, 0.02, 1.12, (100, None)), "scaled-adamw": figures(-0.05, -0.04, 0.9)}
+    table = {
+        "adamw": figures(0.0, 0.0, 1.0),
+        "adafish": figures(0.004, 0.02, 1.12, (100, None)),
+        "scaled-adamw": figures(-0.05, -0.04, 0.9),
+    }
     monkeypatch.setattr(ladder_evidence, "BACKPROP_FIGURES", table)
     adafish = ladder_evidence.backprop_clause("adafish")
+    assert "no better than AdamW on loss or step time, 0.50x its optimizer state" in adafish
     assert "the same held-out loss as AdamW (+0.004) at equal steps" in adafish
     assert "held-out loss +0.020 vs AdamW at equal wall-clock, 1.12x its step time" in adafish
     assert "did not reach AdamW's 100-step loss on every task" in adafish and "convergence.md" in adafish
+    table["adafish"] = figures(0.004, 0.02, 1.12, (None, None))
+    assert "did not reach AdamW's 100-step loss;" in ladder_evidence.backprop_clause("adafish")
     scaled = ladder_evidence.backprop_clause("scaled_adamw")
     assert "held-out loss -0.050 vs AdamW" in scaled and "reached AdamW's 100-step loss by step 60" in scaled
+    assert "no better" not in scaled
     assert ladder_evidence.backprop_clause("sgd") is None
     assert ladder_evidence.beats(table["scaled-adamw"], table["adafish"])
     assert not ladder_evidence.beats(table["adafish"], table["scaled-adamw"])
 
 
 def test_the_plan_says_when_a_rung_is_no_better_than_the_next(monkeypatch):
-    table = {"adafish": figures(0.004, 0.02, 1.12), "scaled-adamw": figures(-0.05, -0.04, 0.9)}
+    table = {
+        "adamw": figures(0.0, 0.0, 1.0),
+        "adafish": figures(0.004, 0.02, 1.12),
+        "scaled-adamw": figures(-0.05, -0.04, 0.9),
+    }
     monkeypatch.setattr(ladder_evidence, "BACKPROP_FIGURES", table)
     reason = decide.ladder_reason("adafish-lora-gc", {"adafish-lora": None})
     assert reason.startswith("the first rung of the ladder that fits (adafish-lora would not); measured: ")
@@ -79,8 +92,10 @@ def test_the_forward_only_rung_is_the_measured_best(monkeypatch):
     assert ladder_evidence.best_zeroth_order() == "fzoo"
     clause = ladder_evidence.zeroth_order_clause("fzoo")
     assert "held-out loss 0.600, accuracy 0.700 after 1000 forward passes (vs hizoo 0.690, mezo 0.660)" in clause
-    monkeypatch.setattr(measured_convergence, "ZEROTH_ORDER", {"mezo": zo(math.nan)})
-    assert ladder_evidence.best_zeroth_order() == "hizoo"  # nothing usable measured: the default
+    monkeypatch.setattr(measured_convergence, "ZEROTH_ORDER", {"mezo": zo(0.5)})
+    assert ladder_evidence.best_zeroth_order() == "hizoo"  # one optimizer alone is no comparison: the default
+    monkeypatch.setattr(measured_convergence, "ZEROTH_ORDER", {"mezo": zo(math.nan), "fzoo": zo(0.7)})
+    assert ladder_evidence.best_zeroth_order() == "hizoo"  # a diverged run is not a measurement
 
 
 @pytest.mark.parametrize("name", ["adafish-lora", "scaled-adamw-qlora-gc"])
