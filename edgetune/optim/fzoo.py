@@ -23,7 +23,6 @@ the update, which regenerates every u_i per chunk and sums them in an fp32 slot.
 step log replays a run bit for bit and a resumed run continues it bit-identically.
 """
 
-import logging
 import math
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -38,8 +37,6 @@ from edgetune.optim.perturbation import PERTURBATIONS, Perturbation
 from edgetune.optim.zo_sweep import Chunk, Slot, Sweeper, evaluate, mix
 
 __all__ = ["FZOO", "FZOOStepRecord", "buffer_bytes"]
-
-logger = logging.getLogger(__name__)
 
 
 def _check(ok: bool, name: str, value: object, rule: str) -> None:
@@ -196,10 +193,7 @@ class FZOO(torch.optim.Optimizer):
             EdgetuneError: saved with another ``chunk_numel``, ``directions`` or ``perturbation``.
         """
         saved = state_dict["state"]
-        for key in ("chunk_numel", "directions", "perturbation"):
-            if saved.get(key, getattr(self, key)) != getattr(self, key):
-                problem = f"optimizer state saved with {key}={saved[key]}, this optimizer has {getattr(self, key)}"
-                raise EdgetuneError(problem, f"construct it with {key}={saved[key]} to resume")
+        zo_sweep.check_resumable(self, saved, ("chunk_numel", "directions", "perturbation"))
         super().load_state_dict(state_dict)
 
     def work_buffers(self) -> list[torch.Tensor]:
@@ -225,11 +219,7 @@ class FZOO(torch.optim.Optimizer):
         return FZOOStepRecord(step, seed, losses, coefficients, lrs, applied, False)
 
     def _finish(self, record: FZOOStepRecord, value: Any) -> Any:
-        self.state["step"] += 1
-        self.state["skipped_steps"] += record.skipped
-        if record.skipped:
-            logger.warning("FZOO skipped step %d: non-finite or identical losses %s", record.step, record.losses)
-        self.log.append(record)
+        zo_sweep.finish_step(self, record, "non-finite or identical losses")
         return value
 
     def _sweep(self, seed: int, recover: int | None, perturb: int | None, update: FZOOStepRecord | None = None) -> None:

@@ -57,7 +57,6 @@ of a sweep are shared by ``workers`` threads, each with its own generator and wo
 on (step seed, tensor index, chunk), so the result is bit-identical for any number of workers.
 """
 
-import logging
 import math
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -72,8 +71,6 @@ from edgetune.optim.perturbation import FOURTH_MOMENT, PERTURBATIONS, Perturbati
 from edgetune.optim.zo_sweep import CPU_CHUNK_NUMEL, GPU_CHUNK_NUMEL, Chunk, Slot, Sweeper, evaluate, mix
 
 __all__ = ["CPU_CHUNK_NUMEL", "GPU_CHUNK_NUMEL", "HiZOO", "MeZO", "ZOStepRecord", "buffer_bytes", "state_bytes"]
-
-logger = logging.getLogger(__name__)
 
 
 def _check(ok: bool, name: str, value: object, rule: str) -> None:
@@ -188,7 +185,7 @@ class HiZOO(torch.optim.Optimizer):
         estimators = ("released", "unbiased")
         _check(hessian_estimator in estimators, "hessian_estimator", hessian_estimator, f"use one of {estimators}")
         _check(math.isfinite(hessian_min) and hessian_min > 0, "hessian_min", hessian_min, "use a positive floor")
-        self.eps, self.hessian, self.hessian_estimator = eps, hessian, hessian_estimator
+        self.eps, self.hessian_estimator = eps, hessian_estimator
         self.hessian_min = hessian_min
         self.log: deque[ZOStepRecord] = deque(maxlen=log_size)
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, hessian_smooth=hessian_smooth))
@@ -203,7 +200,7 @@ class HiZOO(torch.optim.Optimizer):
         self.perturbation = self.state["perturbation"] = perturbation
         # 2 / (kappa - 1) makes E[c H (z^2 - 1)] the Hessian diagonal for any z with E z^2 = 1 (module docstring).
         self._unbiased_scale = 2.0 / (FOURTH_MOMENT[perturbation] - 1.0) if self.hessian else 0.0
-        if getattr(self, "_sweeper", None) is not None:
+        if self._sweeper is not None:
             self._sweeper.close()
         self._sweeper = Sweeper(perturbation, self.hessian, self.chunk_numel, self.workers)
 
@@ -295,12 +292,10 @@ class HiZOO(torch.optim.Optimizer):
                 ``perturbation`` after this optimizer took steps.
         """
         saved = {"perturbation": "gaussian", **state_dict["state"]}  # states saved before the option drew Gaussians
-        for key in ("hessian", "chunk_numel", "perturbation"):
-            if key == "perturbation" and self.state["step"] == 0 and saved[key] != self.perturbation:
-                self._use_perturbation(saved[key])
-            if saved.get(key, getattr(self, key)) != getattr(self, key):
-                problem = f"optimizer state saved with {key}={saved[key]}, this optimizer has {getattr(self, key)}"
-                raise EdgetuneError(problem, f"construct it with {key}={saved[key]} to resume")
+        zo_sweep.check_resumable(self, saved, ("hessian", "chunk_numel"))
+        if self.state["step"] == 0 and saved["perturbation"] != self.perturbation:
+            self._use_perturbation(saved["perturbation"])
+        zo_sweep.check_resumable(self, saved, ("perturbation",))
         # Torch would cast H to the parameter dtype, so H goes around it; copies keep the caller's dict intact.
         copy = {**state_dict, "state": {k: dict(v) if isinstance(v, dict) else v for k, v in saved.items()}}
         hessians = {k: v.pop("hessian") for k, v in copy["state"].items() if isinstance(v, dict) and "hessian" in v}
@@ -318,11 +313,7 @@ class HiZOO(torch.optim.Optimizer):
         return ZOStepRecord(step, seed, grad, curvature, losses, lrs, True, False)
 
     def _finish(self, record: ZOStepRecord, value: Any) -> Any:
-        self.state["step"] += 1
-        self.state["skipped_steps"] += record.skipped
-        if record.skipped:
-            logger.warning("HiZOO skipped step %d: non-finite loss in %s", record.step, record.losses)
-        self.log.append(record)
+        zo_sweep.finish_step(self, record, "non-finite loss in")
         return value
 
     def work_buffers(self) -> list[torch.Tensor]:

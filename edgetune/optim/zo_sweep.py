@@ -10,6 +10,7 @@ Restoring in place (no copy of theta) is ``round_trip``: see hizoo.py's docstrin
 """
 
 import itertools
+import logging
 import math
 import threading
 import weakref
@@ -258,3 +259,26 @@ def checked_group(optimizer: str, group: dict[str, Any]) -> list[torch.Tensor]:
         check(p.dtype in _DTYPES, optimizer, "dtype of a trainable parameter", p.dtype, "train fp32/bf16/fp16 weights")
         check(p.is_contiguous(), optimizer, "layout of a trainable parameter", "strided", "make it contiguous")
     return params
+
+
+def check_resumable(optimizer: Any, saved: dict[str, Any], keys: tuple[str, ...]) -> None:
+    """Refuse a saved state whose ``keys`` (settings that change z or the state's shape) differ from the optimizer's.
+
+    Raises:
+        EdgetuneError: naming the first setting that differs and the value to construct the optimizer with.
+    """
+    for key in keys:
+        if saved.get(key, getattr(optimizer, key)) != getattr(optimizer, key):
+            problem = f"optimizer state saved with {key}={saved[key]}, this optimizer has {getattr(optimizer, key)}"
+            raise EdgetuneError(problem, f"construct it with {key}={saved[key]} to resume")
+
+
+def finish_step(optimizer: Any, record: Any, why: str) -> None:
+    """Count a step (and a skipped one, with a warning saying ``why``) and log its record."""
+    optimizer.state["step"] += 1
+    optimizer.state["skipped_steps"] += record.skipped
+    if record.skipped:  # logged under the optimizer's own module, as before the helper existed
+        logging.getLogger(type(optimizer).__module__).warning(
+            "%s skipped step %d: %s %s", type(optimizer).__name__, record.step, why, record.losses
+        )
+    optimizer.log.append(record)
