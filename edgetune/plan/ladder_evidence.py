@@ -6,7 +6,8 @@ held-out loss it reaches (at equal steps or equal wall-clock) or its step time; 
 ``rung_reason`` says what was measured for the recommended rung's optimizer against AdamW, and against the next rung
 down, in one clause, quoting ``measured_convergence`` (written by ``python bench/convergence.py --ladder`` from
 bench/results/convergence.json; tests/plan/test_ladder_evidence.py keeps the two equal). The zeroth-order rung is
-the forward-only optimizer with the lowest measured held-out loss at equal forward passes (``best_zeroth_order``).
+the forward-only optimizer with the lowest measured held-out loss at equal forward passes, the faster one per forward
+pass when losses tie (``best_zeroth_order``).
 """
 
 import math
@@ -22,19 +23,52 @@ SAME_LOSS = 0.01
 BENCH_NAMES = {"adafish": "adafish", "scaled_adamw": "scaled-adamw", "adamw": "adamw"}
 
 
-def best_zeroth_order(default: str = "hizoo") -> str:
-    """The forward-only optimizer with the lowest mean final held-out loss at its forward budget, over the tasks on
-    which at least two were measured (one alone is no comparison); ``default`` when there is no such task."""
-    tasks: dict[str, dict[str, float]] = {}
+def _compared_zeroth_order() -> dict[str, dict[str, dict[str, Any]]]:
+    """Per task on which two or more forward-only optimizers have a finite final loss: each one's figures."""
+    tasks: dict[str, dict[str, dict[str, Any]]] = {}
     for name, measured in measured_convergence.ZEROTH_ORDER.items():
         for task, figures in measured.items():
             if math.isfinite(figures["loss"]):
-                tasks.setdefault(task, {})[name] = figures["loss"]
-    compared = {task: losses for task, losses in tasks.items() if len(losses) >= 2}
-    names = set.intersection(*(set(losses) for losses in compared.values())) if compared else set()
+                tasks.setdefault(task, {})[name] = figures
+    return {task: runs for task, runs in tasks.items() if len(runs) >= 2}
+
+
+def _mean(compared: dict[str, dict[str, dict[str, Any]]], name: str, key: str) -> float:
+    values = [runs[name][key] / (runs[name]["forwards"] if key == "seconds" else 1) for runs in compared.values()]
+    return sum(values) / len(values)
+
+
+def best_zeroth_order(default: str = "hizoo") -> str:
+    """The forward-only optimizer with the lowest mean final held-out loss at its forward budget, over the tasks on
+    which at least two were measured (one alone is no comparison); ``default`` when there is no such task.
+
+    Losses within ``SAME_LOSS`` of the lowest are a tie (one seed's spread), which the fewer training seconds per
+    forward pass breaks: at the same loss per forward, the faster optimizer is ahead at equal wall-clock.
+    """
+    compared = _compared_zeroth_order()
+    names = sorted(set.intersection(*(set(runs) for runs in compared.values()))) if compared else []
     if not names:
         return default
-    return min(sorted(names), key=lambda name: sum(losses[name] for losses in compared.values()))
+    lowest = min(_mean(compared, name, "loss") for name in names)
+    tied = [name for name in names if _mean(compared, name, "loss") < lowest + SAME_LOSS]
+    return min(tied, key=lambda name: _mean(compared, name, "seconds"))
+
+
+def _zeroth_order_verdict(optimizer: str) -> str:
+    """Why the forward-only rung is this optimizer, in words, or "" when it is not the measured best."""
+    compared = _compared_zeroth_order()
+    if best_zeroth_order(default="") != optimizer:
+        return ""
+    others = sorted(set.intersection(*(set(runs) for runs in compared.values())) - {optimizer})
+    loss, per_forward = _mean(compared, optimizer, "loss"), _mean(compared, optimizer, "seconds")
+    tied = [o for o in others if _mean(compared, o, "loss") < loss + SAME_LOSS]
+    if not tied:
+        return "the lowest held-out loss at equal forward passes; "
+    ratio = per_forward / min(_mean(compared, o, "seconds") for o in tied)
+    return (
+        f"the same held-out loss as {', '.join(tied)} at equal forward passes (within {SAME_LOSS}) "
+        f"in {ratio:.2f}x the time per forward pass; "
+    )
 
 
 BACKPROP_FIGURES: dict[str, dict[str, Any]] = measured_convergence.BACKPROP
@@ -87,17 +121,17 @@ def zeroth_order_clause(optimizer: str) -> str | None:
     parts = []
     for task, figures in tasks.items():
         others = {
-            other: measured[task]["loss"]
+            other: measured[task]
             for other, measured in measured_convergence.ZEROTH_ORDER.items()
             if other != optimizer and task in measured
         }
-        against = ", ".join(f"{other} {loss:.3f}" for other, loss in sorted(others.items()))
+        against = ", ".join(f"{o} {f['loss']:.3f} in {f['seconds']:.0f} s" for o, f in sorted(others.items()))
         accuracy = f", accuracy {figures['accuracy']:.3f}" if math.isfinite(figures["accuracy"]) else ""
         parts.append(
-            f"{task}: held-out loss {figures['loss']:.3f}{accuracy} after {figures['forwards']} forward passes"
-            + (f" (vs {against})" if against else "")
+            f"{task}: held-out loss {figures['loss']:.3f}{accuracy} after {figures['forwards']} forward passes in "
+            f"{figures['seconds']:.0f} s" + (f" (vs {against})" if against else "")
         )
-    return "; ".join(parts) + f" ({SOURCE})"
+    return _zeroth_order_verdict(optimizer) + "; ".join(parts) + f" ({SOURCE})"
 
 
 def _loss_words(delta: float) -> str:

@@ -151,7 +151,7 @@ STRATEGIES: dict[str, Strategy] = {
             optimizer="hizoo",
             base="nf4",
             lora=True,
-            default_lr=1e-4,
+            default_lr=3e-4,  # measured best of 1e-4/3e-4/1e-3 (bench/results/convergence.md, sentiment)
             summary="HiZOO (forward-only) on LoRA over an NF4 base",
         ),
         ZerothOrder(
@@ -159,7 +159,7 @@ STRATEGIES: dict[str, Strategy] = {
             optimizer="mezo",
             base="nf4",
             lora=True,
-            default_lr=1e-4,
+            default_lr=3e-4,  # measured best of 1e-4/3e-4/1e-3 (bench/results/convergence.md, sentiment)
             summary="MeZO (forward-only) on LoRA over an NF4 base",
         ),
         ZerothOrder(
@@ -183,7 +183,7 @@ STRATEGIES: dict[str, Strategy] = {
             optimizer="fzoo",
             base="nf4",
             lora=True,
-            default_lr=1e-4,
+            default_lr=1e-5,  # measured best of 3e-6/1e-5/3e-5 (bench/results/convergence.md, sentiment)
             summary="FZOO (forward-only, 9 forwards a step) on LoRA over an NF4 base",
         ),
         ZerothOrder(

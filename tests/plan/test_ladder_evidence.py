@@ -85,13 +85,26 @@ def test_the_plan_says_when_a_rung_is_no_better_than_the_next(monkeypatch):
 
 
 def test_the_forward_only_rung_is_the_measured_best(monkeypatch):
-    def zo(loss):
-        return {"sentiment": {"lr": 1e-3, "forwards": 1000, "loss": loss, "accuracy": 0.7, "seconds": 60.0, "seeds": 1}}
+    def zo(loss, seconds=60.0, forwards=1000):
+        figures = {"lr": 1e-3, "forwards": forwards, "loss": loss, "accuracy": 0.7, "seconds": seconds, "seeds": 1}
+        return {"sentiment": figures}
 
     monkeypatch.setattr(measured_convergence, "ZEROTH_ORDER", {"mezo": zo(0.66), "hizoo": zo(0.69), "fzoo": zo(0.6)})
     assert ladder_evidence.best_zeroth_order() == "fzoo"
     clause = ladder_evidence.zeroth_order_clause("fzoo")
-    assert "held-out loss 0.600, accuracy 0.700 after 1000 forward passes (vs hizoo 0.690, mezo 0.660)" in clause
+    assert clause.startswith("the lowest held-out loss at equal forward passes; sentiment: ")
+    assert (
+        "held-out loss 0.600, accuracy 0.700 after 1000 forward passes in 60 s (vs hizoo 0.690 in 60 s, mezo 0.660 "
+        "in 60 s)" in clause
+    )
+    assert not ladder_evidence.zeroth_order_clause("mezo").startswith("the lowest")  # not the best: no verdict
+    # Within SAME_LOSS the losses tie, and the fewer seconds per forward pass wins (999 forwards in 72 s is slower
+    # per forward than 1000 in 60 s).
+    tie = {"mezo": zo(0.593, 60.0), "fzoo": zo(0.586, 72.0, 999), "hizoo": zo(0.629, 50.0)}
+    monkeypatch.setattr(measured_convergence, "ZEROTH_ORDER", tie)
+    assert ladder_evidence.best_zeroth_order() == "mezo"
+    clause = ladder_evidence.zeroth_order_clause("mezo")
+    assert clause.startswith("the same held-out loss as fzoo at equal forward passes (within 0.01) in 0.83x the time")
     monkeypatch.setattr(measured_convergence, "ZEROTH_ORDER", {"mezo": zo(0.5)})
     assert ladder_evidence.best_zeroth_order() == "hizoo"  # one optimizer alone is no comparison: the default
     monkeypatch.setattr(measured_convergence, "ZEROTH_ORDER", {"mezo": zo(math.nan), "fzoo": zo(0.7)})
