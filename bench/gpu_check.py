@@ -5,7 +5,8 @@
 
 Models: SmolLM2-135M (the bundled default) and a Llama-3.2-1B-shaped model with random bf16 weights (built on the
 device and saved to a temporary folder, with SmolLM2's tokenizer). Shapes 4 x 256 and 1 x 1024. Strategies: the
-ladder, then the mezo-qlora and adamw-lora-gc baselines, so a run cut short by its time budget loses baselines first.
+ladder, then whichever of the adamw-lora-gc, hizoo-qlora and mezo-qlora baselines it left out, so a run cut short by
+its time budget loses baselines first.
 Each case is planned here (``api.plan`` with a 1 TiB budget, so every strategy is sized) and measured in a fresh
 process (``api.probe``: real training steps on the bundled text), which gives clean peaks and keeps an OOM or a hang
 (each case has a time limit) to its own row.
@@ -48,7 +49,8 @@ from edgetune.plan.strategies import LADDER, STRATEGIES  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling module, also when this file is imported
 from gpu_check_report import MEASURED_PEAK, MEASURED_TOTAL, compared, ratios, render  # noqa: E402
 
-BASELINES = ("mezo-qlora", "adamw-lora-gc")
+# The rungs the ladder left out that a user still asks for; a strategy already on the ladder is not run twice.
+BASELINES = ("adamw-lora-gc", "hizoo-qlora", "mezo-qlora")
 LORA_RANK = 16
 BUDGET = "1TiB"  # large enough that every strategy is sized, none refused
 TEXT = ROOT / "edgetune" / "assets" / "pride_and_prejudice.txt"
@@ -90,7 +92,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny models, 1 step: check the plumbing")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="folder for gpu.json and gpu.md")
     parser.add_argument("--models", default=f"{SMOLLM2},{LLAMA_1B}")
-    parser.add_argument("--strategies", default=",".join(LADDER + BASELINES))
+    parser.add_argument("--strategies", default=",".join(dict.fromkeys(LADDER + BASELINES)))
     parser.add_argument("--shapes", type=shapes, help="BATCHxSEQ,... (default 4x256,1x1024; dry run 2x32,1x64)")
     parser.add_argument("--steps", type=int, help="steps per case (default 4; dry run 1)")
     parser.add_argument("--budget-s", type=float, default=450, help="stop starting cases after this many seconds")

@@ -33,7 +33,7 @@ import torch
 
 from edgetune.errors import EdgetuneError
 from edgetune.optim import zo_sweep
-from edgetune.optim.perturbation import PERTURBATIONS, Perturbation
+from edgetune.optim.perturbation import PERTURBATIONS, Perturbation, default_kind
 from edgetune.optim.zo_sweep import Chunk, Slot, Sweeper, evaluate, mix
 
 __all__ = ["FZOO", "FZOOStepRecord", "buffer_bytes"]
@@ -94,7 +94,8 @@ class FZOO(torch.optim.Optimizer):
         directions: N, the perturbed losses per step (>= 2).
         weight_decay: decoupled weight decay (per group).
         seed: base seed; step t draws its directions from seeds hashed from (seed, t, i).
-        perturbation: distribution of u ("rademacher" as the paper; "gaussian" or "sparse" also work).
+        perturbation: distribution of u ("rademacher" as the paper; "gaussian" or "sparse" also work). None picks
+            the cheapest for the parameters' device (``perturbation.default_kind``): Rademacher on CPU, Gaussian off.
         chunk_numel: elements per chunk (``zo_sweep``); keep it to resume.
         log_size: how many recent ``FZOOStepRecord`` ``self.log`` keeps.
         workers: threads that draw and apply chunks; results do not depend on it.
@@ -111,17 +112,18 @@ class FZOO(torch.optim.Optimizer):
         directions: int = 8,
         weight_decay: float = 0.0,
         seed: int = 0,
-        perturbation: Perturbation = "rademacher",
+        perturbation: Perturbation | None = None,
         chunk_numel: int | None = None,
         log_size: int = 1000,
         workers: int | None = None,
     ) -> None:
         zo_sweep.check_common("FZOO", eps, seed, chunk_numel, log_size, workers)
         _check(isinstance(directions, int) and directions >= 2, "directions", directions, "use an int >= 2, e.g. 8")
-        _check(perturbation in PERTURBATIONS, "perturbation", perturbation, f"use one of {PERTURBATIONS}")
-        self.eps, self.directions, self.perturbation = eps, directions, perturbation
+        _check(perturbation in (None, *PERTURBATIONS), "perturbation", perturbation, f"use one of {PERTURBATIONS}")
         self.log: deque[FZOOStepRecord] = deque(maxlen=log_size)
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
+        perturbation = perturbation or default_kind(self.param_groups, needs_curvature=False)
+        self.eps, self.directions, self.perturbation = eps, directions, perturbation
         self.chunk_numel, self.workers = zo_sweep.defaults(self.param_groups, chunk_numel, workers)
         self._sweeper = Sweeper(perturbation, True, self.chunk_numel, self.workers)
         self.state.update(step=0, skipped_steps=0, base_seed=seed, chunk_numel=self.chunk_numel)

@@ -67,7 +67,7 @@ import torch
 
 from edgetune.errors import EdgetuneError
 from edgetune.optim import zo_sweep
-from edgetune.optim.perturbation import FOURTH_MOMENT, PERTURBATIONS, Perturbation
+from edgetune.optim.perturbation import FOURTH_MOMENT, PERTURBATIONS, Perturbation, default_kind
 from edgetune.optim.zo_sweep import CPU_CHUNK_NUMEL, GPU_CHUNK_NUMEL, Chunk, Slot, Sweeper, evaluate, mix
 
 __all__ = ["CPU_CHUNK_NUMEL", "GPU_CHUNK_NUMEL", "HiZOO", "MeZO", "ZOStepRecord", "buffer_bytes", "state_bytes"]
@@ -147,9 +147,10 @@ class HiZOO(torch.optim.Optimizer):
         hessian_estimator: "released" (the published code) or "unbiased" (the paper's z^2 - 1 form, no abs).
         hessian_min: floor on H, so that 1 / sqrt(H) stays finite.
         perturbation: the distribution of z (perturbation.py): "gaussian" as released, "rademacher" (+-1, MeZO's
-            default here, about 16x cheaper to draw on CPU) or "sparse" ({-sqrt2, 0, 0, sqrt2}, HiZOO's default: the
-            cheapest draw whose fourth moment lets the diagonal Hessian be estimated). None picks the default. z
-            depends on it, so keep it to resume.
+            default on CPU, about 16x cheaper to draw there) or "sparse" ({-sqrt2, 0, 0, sqrt2}, HiZOO's default on
+            CPU: the cheapest draw whose fourth moment lets the diagonal Hessian be estimated). None picks the
+            cheapest for the parameters' device (``perturbation.default_kind``: "gaussian" off the CPU). z depends on
+            it, so keep it to resume.
         seed: base seed; step t draws z from a seed hashed from (seed, t).
         chunk_numel: elements per chunk; each work buffer holds one (``buffer_bytes``). Default: ``GPU_CHUNK_NUMEL``
             if any parameter is off the CPU, else ``CPU_CHUNK_NUMEL``. z depends on it, so keep it to resume.
@@ -179,7 +180,6 @@ class HiZOO(torch.optim.Optimizer):
         workers: int | None = None,
         perturbation: Perturbation | None = None,
     ) -> None:
-        perturbation = perturbation or ("sparse" if hessian else "rademacher")
         self.hessian, self._sweeper = hessian, None
         zo_sweep.check_common("HiZOO", eps, seed, chunk_numel, log_size, workers)
         estimators = ("released", "unbiased")
@@ -191,7 +191,7 @@ class HiZOO(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, hessian_smooth=hessian_smooth))
         self.chunk_numel, self.workers = zo_sweep.defaults(self.param_groups, chunk_numel, workers)
         self.state.update(step=0, skipped_steps=0, base_seed=seed, chunk_numel=self.chunk_numel, hessian=hessian)
-        self._use_perturbation(perturbation)
+        self._use_perturbation(perturbation or default_kind(self.param_groups, needs_curvature=hessian))
 
     def _use_perturbation(self, perturbation: Perturbation) -> None:
         _check(perturbation in PERTURBATIONS, "perturbation", perturbation, f"use one of {PERTURBATIONS}")

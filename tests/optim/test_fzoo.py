@@ -167,3 +167,28 @@ def test_no_closure_is_one_clear_error_and_buffers_are_one_chunk():
     opt.step(lambda: (x**2).sum())
     assert sum(b.numel() for b in opt.work_buffers()) == buffer_bytes(5000, 256, 2) == 2 * 256 * 13
     opt.close()
+
+
+@pytest.mark.gpu
+def test_on_cuda_lr_zero_restores_and_the_log_replays_and_resumes():
+    inside = torch.nn.Parameter((torch.rand(3000, generator=torch.Generator().manual_seed(3)) * 0.5 + 1.25).cuda())
+    before = bits(inside)
+    FZOO([inside], lr=0.0, eps=1e-3, chunk_numel=700).step(lambda: (inside.float() ** 2).sum())
+    assert torch.equal(bits(inside), before)
+
+    def model():
+        torch.manual_seed(0)
+        return LlamaForCausalLM(tiny_llama_config()).eval().cuda()
+
+    straight, start, ids = model(), model(), IDS.cuda()
+    opt = FZOO(straight.parameters(), lr=2e-3, seed=7, directions=3)
+    opt.step(lambda: straight(input_ids=ids, labels=ids).loss)
+    saved = opt.state_dict()
+    opt.step(lambda: straight(input_ids=ids, labels=ids).loss)
+    FZOO(start.parameters(), lr=2e-3, seed=7, directions=3).replay(list(opt.log)[:1])
+    resumed = FZOO(start.parameters(), lr=2e-3, seed=999, directions=3)
+    resumed.load_state_dict(saved)
+    resumed.step(lambda: start(input_ids=ids, labels=ids).loss)
+    fresh = model().parameters()
+    assert any(not torch.equal(bits(a), bits(b)) for a, b in zip(straight.parameters(), fresh, strict=True))
+    assert all(torch.equal(bits(a), bits(b)) for a, b in zip(straight.parameters(), start.parameters(), strict=True))

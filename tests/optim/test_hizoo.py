@@ -1,3 +1,4 @@
+import copy
 import io
 import math
 import time
@@ -623,3 +624,30 @@ def test_lora_over_nf4_base(tmp_path):
     assert any(p.dtype == torch.uint8 for p in model.parameters())
     start, end = lora_loss_drop(model)
     assert math.isfinite(end) and end < start
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("hessian", "perturbation"), [(True, "gaussian"), (True, "sparse"), (False, "rademacher")])
+def test_on_cuda_lr_zero_restores_and_the_log_replays_and_resumes(hessian, perturbation):
+    kwargs = dict(eps=1e-3, hessian=hessian, hessian_smooth=1e-2, perturbation=perturbation, chunk_numel=700)
+    params = [p.detach().cuda().requires_grad_() for p in exact_regime_params(torch.float32)]
+    before = [p.detach().clone() for p in params]
+    opt = HiZOO(params, lr=0.0, **kwargs)
+    for _ in range(2):
+        opt.step(lambda: quad_loss(params))
+    assert all(same_bits(p, b) for p, b in zip(params, before, strict=True))
+
+    straight, start = llama().cuda(), llama().cuda()
+    ids = IDS.cuda()
+    kwargs.update(lr=2e-3, chunk_numel=4096)
+    opt = HiZOO(straight.parameters(), seed=7, **kwargs)
+    opt.step(lambda: straight(input_ids=ids, labels=ids).loss)
+    saved = copy.deepcopy(opt.state_dict())  # the state holds the live Hessian tensors, as a checkpoint would copy
+    opt.step(lambda: straight(input_ids=ids, labels=ids).loss)
+    replayer = HiZOO(start.parameters(), seed=7, **kwargs)
+    replayer.replay(list(opt.log)[:1])
+    resumed = HiZOO(start.parameters(), seed=7, **kwargs)
+    resumed.load_state_dict(saved)
+    resumed.step(lambda: start(input_ids=ids, labels=ids).loss)
+    moved = any(not same_bits(a, b) for a, b in zip(straight.parameters(), llama().cuda().parameters(), strict=True))
+    assert moved and all(same_bits(a, b) for a, b in zip(straight.parameters(), start.parameters(), strict=True))
