@@ -1,7 +1,7 @@
 """Full-parameter zeroth-order steps on one CUDA GPU: edgetune's MeZO, HiZOO and FZOO against MeZO's reference step.
 
     python bench/zo_speed_cuda.py                       # one CUDA GPU, about a minute
-    python bench/zo_speed_cuda.py --lora                # the mezo-qlora rung's parameters: LoRA r=8 over NF4
+    python bench/zo_speed_cuda.py --lora                # the forward-only rungs' parameters: LoRA r=8 over NF4
     python bench/zo_speed_cuda.py --dry-run --out /tmp/zo   # the same plumbing on the CPU, a 2-layer model
 
 The CPU figures (bench/optimizers.py --sections speed) are bound by random-number generation; on a GPU drawing is
