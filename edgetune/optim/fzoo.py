@@ -122,7 +122,7 @@ class FZOO(torch.optim.Optimizer):
         _check(perturbation in (None, *PERTURBATIONS), "perturbation", perturbation, f"use one of {PERTURBATIONS}")
         self.log: deque[FZOOStepRecord] = deque(maxlen=log_size)
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
-        perturbation = perturbation or default_kind(self.param_groups, needs_curvature=False)
+        perturbation = perturbation or default_kind(zo_sweep.on_cpu(self.param_groups), needs_curvature=False)
         self.eps, self.directions, self.perturbation = eps, directions, perturbation
         self.chunk_numel, self.workers = zo_sweep.defaults(self.param_groups, chunk_numel, workers)
         self._sweeper = Sweeper(perturbation, True, self.chunk_numel, self.workers)

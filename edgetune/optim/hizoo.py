@@ -191,7 +191,9 @@ class HiZOO(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, hessian_smooth=hessian_smooth))
         self.chunk_numel, self.workers = zo_sweep.defaults(self.param_groups, chunk_numel, workers)
         self.state.update(step=0, skipped_steps=0, base_seed=seed, chunk_numel=self.chunk_numel, hessian=hessian)
-        self._use_perturbation(perturbation or default_kind(self.param_groups, needs_curvature=hessian))
+        self._use_perturbation(
+            perturbation or default_kind(zo_sweep.on_cpu(self.param_groups), needs_curvature=hessian)
+        )
 
     def _use_perturbation(self, perturbation: Perturbation) -> None:
         _check(perturbation in PERTURBATIONS, "perturbation", perturbation, f"use one of {PERTURBATIONS}")

@@ -21,7 +21,7 @@ for a given generator state, on any machine, so seeded replay and resume stay bi
 """
 
 import math
-from typing import Any, Literal, get_args
+from typing import Literal, get_args
 
 import torch
 
@@ -37,8 +37,8 @@ _ONE_BITS = 0x3F800000  # fp32 1.0
 _SQRT2_BITS = int(torch.tensor(math.sqrt(2.0), dtype=torch.float32).view(torch.int32))
 
 
-def default_kind(param_groups: list[dict[str, Any]], needs_curvature: bool) -> Perturbation:
-    """The cheapest distribution to draw where the parameters live; one with E z^4 > 1 if curvature is estimated.
+def default_kind(on_cpu: bool, needs_curvature: bool) -> Perturbation:
+    """The cheapest distribution to draw on the CPU or off it; one with E z^4 > 1 if curvature is estimated.
 
     On CPU the bit-built kinds win: a Rademacher fill is about 16x cheaper than ``normal_`` (``bench/optimizers.py
     --sections speed``). On a GPU ``normal_`` is one Philox kernel per chunk and a bit-built fill six, and the sweeps
@@ -47,7 +47,6 @@ def default_kind(param_groups: list[dict[str, Any]], needs_curvature: bool) -> P
     base (``bench/results/zo_speed_cuda.md`` and ``zo_speed_cuda_lora.md``, each measured side by side in one run:
     ``python bench/zo_speed_cuda.py [--lora]``). Both have E z z^T = I, so the expected step is the same.
     """
-    on_cpu = all(p.device.type == "cpu" for group in param_groups for p in group["params"])
     if not on_cpu:
         return "gaussian"
     return "sparse" if needs_curvature else "rademacher"

@@ -214,9 +214,14 @@ def _has_zero(x: torch.Tensor, scratch: torch.Tensor) -> bool:
 
 def defaults(param_groups: list[dict[str, Any]], chunk_numel: int | None, workers: int | None) -> tuple[int, int]:
     """(chunk_numel, workers) with the device defaults filled in: CPU chunks and threads, larger chunks on GPU."""
-    on_cpu = all(p.device.type == "cpu" for g in param_groups for p in g["params"])
-    chunk = chunk_numel or (CPU_CHUNK_NUMEL if on_cpu else GPU_CHUNK_NUMEL)
-    return chunk, workers or (min(torch.get_num_threads(), MAX_DEFAULT_WORKERS) if on_cpu else 1)
+    cpu = on_cpu(param_groups)
+    chunk = chunk_numel or (CPU_CHUNK_NUMEL if cpu else GPU_CHUNK_NUMEL)
+    return chunk, workers or (min(torch.get_num_threads(), MAX_DEFAULT_WORKERS) if cpu else 1)
+
+
+def on_cpu(param_groups: list[dict[str, Any]]) -> bool:
+    """Whether every parameter lives on the CPU: it decides the chunk, worker and direction defaults."""
+    return all(p.device.type == "cpu" for group in param_groups for p in group["params"])
 
 
 def evaluate(closure: Callable[[], Any], optimizer: str) -> tuple[Any, float]:
