@@ -9,10 +9,11 @@
 
 A run is (task, optimizer[/variant], lr, seed). The seed sets the LoRA initialisation, the batch order and the
 zeroth-order perturbations; the held-out sets are fixed (bench/convergence_tasks.py). Every run starts from the fp32
-base with fresh LoRA r=8, alpha 16 on all seven linears of each layer, and trains at a constant lr. Backprop runs take
-``--steps`` steps of batch 4 and evaluate at step 0 and every ``--eval-every`` steps; zeroth-order runs (forward only,
-eval mode, no grad) spend ``--forwards`` forward passes (MeZO 2 a step, HiZOO 3, FZOO directions + 1) and evaluate
-every ``--zo-eval-every`` forwards. Training seconds exclude the evaluations.
+base with fresh LoRA r=8, alpha 16 on all seven linears of each layer, and trains at a constant lr (the variants
+"linear" and "cosine" decay it to 0 by edgetune train's own schedule instead, what a user's run does). Backprop runs
+take ``--steps`` steps of batch 4 and evaluate at step 0 and every ``--eval-every`` steps; zeroth-order runs (forward
+only, eval mode, no grad) spend ``--forwards`` forward passes (MeZO 2 a step, HiZOO 3, FZOO directions + 1) and
+evaluate every ``--zo-eval-every`` forwards. Training seconds exclude the evaluations.
 
 Each run is stored in bench/results/convergence.json under task/optimizer/variant/lr/seed as soon as it ends (a rerun
 replaces it, an interrupted part keeps what finished), then bench/results/convergence.md is rebuilt from all stored
@@ -47,11 +48,12 @@ import convergence_optimizers as optimizers  # noqa: E402
 import convergence_report as report  # noqa: E402
 import convergence_tasks as tasks  # noqa: E402
 import torch  # noqa: E402
-from convergence_optimizers import OPTIMIZERS, VARIANTS, Options, trainable  # noqa: E402
+from convergence_optimizers import OPTIMIZERS, SCHEDULES, VARIANTS, Options, trainable  # noqa: E402
 from convergence_runs import Budget, train_backprop, train_zeroth_order  # noqa: E402
 
 from edgetune.plan.sources import resolve_model  # noqa: E402
 from edgetune.train.loading import LoraSettings, load_model, load_tokenizer  # noqa: E402
+from edgetune.train.schedule import make_scheduler  # noqa: E402
 
 logger = logging.getLogger("bench.convergence")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -92,6 +94,10 @@ class Run:
     def forwards_per_step(self) -> int | None:
         return optimizers.forwards_per_step(self.optimizer, self.variant)
 
+    @property
+    def schedule(self) -> str:
+        return self.variant if self.variant in SCHEDULES else "constant"
+
 
 def execute(run: Run, source: Any, task: tasks.Task, budget: Budget, cmd: str) -> dict[str, Any]:
     """Train one run from a fresh model (LoRA initialised from the run's seed) and return its record."""
@@ -99,11 +105,14 @@ def execute(run: Run, source: Any, task: tasks.Task, budget: Budget, cmd: str) -
     torch.manual_seed(run.seed)
     model = load_model(source, "fp32", lora=LORA)
     optimizer = OPTIMIZERS[run.optimizer].build(model, run.lr, run.seed, run.options)
+    steps = budget.steps if run.forwards_per_step is None else budget.forwards // run.forwards_per_step
+    scheduler = None
+    if run.schedule != "constant":  # edgetune train's own schedule (no warmup, its default): what a user's run does
+        scheduler = make_scheduler(optimizer, run.schedule, warmup_steps=0, total_steps=steps)
     if run.forwards_per_step is None:
-        record = train_backprop(model, optimizer, task, run.seed, budget)
+        record = train_backprop(model, optimizer, task, run.seed, budget, scheduler)
     else:
-        steps = budget.forwards // run.forwards_per_step
-        record = train_zeroth_order(model, optimizer, task, run.seed, budget, steps)
+        record = train_zeroth_order(model, optimizer, task, run.seed, budget, steps, scheduler)
         record["forward_budget"] = budget.forwards
         if record["forwards_per_step"] != run.forwards_per_step:
             logger.warning(
@@ -115,7 +124,9 @@ def execute(run: Run, source: Any, task: tasks.Task, budget: Budget, cmd: str) -
         optimizer=run.optimizer,
         variant=run.variant,
         options=run.options,
+        schedule=run.schedule,
         lr=run.lr,
+        last_lr=optimizer.param_groups[0]["lr"],  # the rate after the last step: 0 under a decaying schedule
         seed=run.seed,
         kind="backprop" if run.forwards_per_step is None else "zeroth-order",
         batch_size=budget.batch_size,
@@ -151,8 +162,10 @@ def select(args: argparse.Namespace) -> list[Run]:
         if task not in tasks.TASKS:
             raise ValueError(f"unknown task {task!r}; use one of {', '.join(tasks.TASKS)}")
         for name in names or default_optimizers(task):
-            # An optimizer without variants runs its default beside another one's variants.
-            variants = requested if name in VARIANTS else ["default"]
+            # An optimizer without variants runs its default beside another one's variants; a schedule variant
+            # applies to every optimizer.
+            own = [v for v in requested if v in SCHEDULES] or ["default"]
+            variants = requested if name in VARIANTS else own
             for variant in variants:
                 optimizers.options(name, variant)  # raises on an unknown variant
             lrs = [float(x) for x in split(args.lrs)] or OPTIMIZERS[name].lrs
@@ -219,7 +232,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add = parser.add_argument
     add("--task", help=f"comma-separated tasks of {tasks.TASKS} (default: all)")
     add("--optimizer", help=f"comma-separated of {tuple(OPTIMIZERS)} (default: backprop ones; ZO on sentiment)")
-    add("--variant", help=f"comma-separated variants ({', '.join(f'{k}: {list(v)}' for k, v in VARIANTS.items())})")
+    own = ", ".join(f"{k}: {list(v)}" for k, v in VARIANTS.items())
+    add("--variant", help=f"comma-separated variants ({own}; every optimizer: {list(SCHEDULES)})")
     add("--lrs", help="comma-separated learning rates (default: each optimizer's grid)")
     add("--seeds", type=lambda v: [int(x) for x in split(v)], default=[0, 1, 2], help="comma-separated (0,1,2)")
     add("--steps", type=int, default=Budget.steps, help="backprop steps per run")

@@ -7,11 +7,13 @@ so the ladder's reasons cannot drift from the table they cite.
 Per backprop optimizer (the default variant, at its best rate on each task it shares with AdamW): the mean over those
 tasks of its final held-out loss minus AdamW's (both at their best rates, equal steps), of its loss at AdamW's
 training seconds minus AdamW's final loss (equal wall-clock), of its median step time and its optimizer state over
-AdamW's, and the step at which its mean curve first reached AdamW's final loss on each task. Per zeroth-order
+AdamW's, the step at which its mean curve first reached AdamW's final loss on each task, and ``lr``, the one rate
+for every task (``default_lr``), which the ladder's strategies train with by default. Per zeroth-order
 optimizer (the default variant at its best rate, on the tasks it ran): final held-out loss and accuracy at its
 forward budget, and its training seconds.
 """
 
+import math
 import pprint
 import statistics
 from typing import Any
@@ -19,7 +21,8 @@ from typing import Any
 MODULE_HEADER = '''"""Figures measured by bench/convergence.py (``python bench/convergence.py --ladder``; do not edit).
 
 Source: bench/results/convergence.json (the table: bench/results/convergence.md), {runs} runs, last written {date}.
-Backprop: per optimizer, means over the tasks it shares with AdamW, each at its best rate (default variant).
+Backprop: per optimizer, means over the tasks it shares with AdamW, each at its best rate (default variant); ``lr``
+is the rate least above each task's best loss (relatively, on average) of those run on all of them: the default rate.
 Zeroth-order: per optimizer, its best rate's final held-out figures at the forward budget on each task it ran.
 tests/plan/test_ladder_evidence.py checks that these equal what the committed results give.
 """
@@ -53,8 +56,28 @@ def backprop_figures(summary: dict[str, dict[str, dict[str, Any]]]) -> dict[str,
             "state_vs_adamw": round(statistics.fmean(e["state_bytes"] / a["state_bytes"] for _, e, a in seen), 3),
             "steps_to_adamw_loss": tuple(e.get("steps_to_adamw_best") for _, e, _ in seen),
             "steps": seen[0][1]["steps"],
+            "lr": default_lr([e for _, e, _ in seen]),
         }
     return figures
+
+
+def default_lr(entries: list[dict[str, Any]]) -> float | None:
+    """The one rate to train every task with: of the rates run on all of ``entries``' tasks, the one whose mean final
+    loss is the least above each task's best, relatively, on average (None when no rate was run on every task).
+
+    Each task's best rate differs (a short verbalizer task wants a lower one than running text), so a default is a
+    compromise. The regret is relative (loss over the task's best, minus 1) because the tasks' losses differ in
+    scale (about 3.2 on text, 0.4 on sentiment): in absolute terms the task with the larger loss would decide alone.
+    A rate that diverged on some task (NaN) is out.
+    """
+    shared = set.intersection(*(set(e["final_loss_by_lr"]) for e in entries))
+    regrets = {
+        rate: statistics.fmean(e["final_loss_by_lr"][rate] / e["final_loss_mean"] - 1 for e in entries)
+        for rate in shared
+        if all(math.isfinite(e["final_loss_by_lr"][rate]) for e in entries)
+    }
+    # sorted: on a tie, the lower rate (the safer one)
+    return float(min(sorted(regrets, key=float), key=regrets.__getitem__)) if regrets else None
 
 
 def zeroth_order_figures(summary: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:

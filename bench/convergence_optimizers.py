@@ -5,7 +5,9 @@ it from perturbed losses and are compared at equal forward passes. All run at we
 (torch's AdamW would use 0.01), and otherwise with their own defaults, which are what edgetune trains with.
 
 Variants are keyword arguments for an optimizer's constructor, chosen with ``--variant`` and stored as a separate
-optimizer ("adafish/identity"); "default" is edgetune's setting.
+optimizer ("adafish/identity"); "default" is edgetune's setting. Two more variants apply to every optimizer: "linear"
+and "cosine" keep its default options and decay the rate to 0 over the run by ``edgetune train``'s own schedule
+(``train.scheduler``, linear by default), where every other run holds it constant; they measure what a user's run does.
 """
 
 from collections.abc import Callable
@@ -85,6 +87,8 @@ OPTIMIZERS: dict[str, Method] = {
 # Variants: keyword arguments for the optimizer's constructor, chosen with --variant; "default" is what edgetune uses.
 HIZOO_VARIANTS: dict[str, Options] = {"default": {}, "smooth-1e-3": {"hessian_smooth": 1e-3}}
 VARIANTS: dict[str, dict[str, Options]] = {"adafish": ADAFISH_VARIANTS, "hizoo": HIZOO_VARIANTS}
+# Variants of every optimizer: its default options under one of edgetune train's decaying schedules.
+SCHEDULES: tuple[str, ...] = ("linear", "cosine")
 
 
 def options(name: str, variant: str) -> Options:
@@ -94,8 +98,10 @@ def options(name: str, variant: str) -> Options:
         ValueError: the optimizer has no such variant.
     """
     table = VARIANTS.get(name, {"default": {}})
+    if variant in SCHEDULES:
+        return {}
     if variant not in table:
-        raise ValueError(f"{name} has no variant {variant!r}; use one of {', '.join(table)}")
+        raise ValueError(f"{name} has no variant {variant!r}; use one of {', '.join([*table, *SCHEDULES])}")
     return table[variant]
 
 

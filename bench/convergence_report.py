@@ -88,6 +88,7 @@ def optimizer_summary(by_lr: dict[float, list[dict[str, Any]]]) -> dict[str, Any
         "variant": runs[0]["variant"],
         "kind": runs[0]["kind"],
         "lrs": sorted(by_lr),
+        "final_loss_by_lr": {f"{rate:g}": finals[rate] for rate in sorted(by_lr)},  # mean over each rate's seeds
         "best_lr": lr,
         "interior": interior,
         "seeds": sorted(r["seed"] for r in runs),
@@ -106,10 +107,27 @@ def optimizer_summary(by_lr: dict[float, list[dict[str, Any]]]) -> dict[str, Any
     return entry
 
 
-def against_adamw(entry: dict[str, Any], runs: list[dict[str, Any]], adamw: dict[str, Any]) -> None:
-    """Add the comparisons with AdamW at its best rate to ``entry`` (the optimizer at its best rate)."""
+def side_by_side(mine: list[dict[str, Any]], adamw: list[dict[str, Any]]) -> list[float]:
+    """Step-time ratios to AdamW of the runs made in one command with an AdamW run of the same seed (interleaved, so
+    both saw the same machine), at any rates: a step's work does not depend on the rate."""
+    pairs = {(r["command"], r["seed"]): r["median_step_s"] for r in adamw}
+    return [r["median_step_s"] / pairs[key] for r in mine if (key := (r["command"], r["seed"])) in pairs]
+
+
+def against_adamw(
+    entry: dict[str, Any], runs: list[dict[str, Any]], adamw: dict[str, Any], paired: list[float] | None = None
+) -> None:
+    """Add the comparisons with AdamW at its best rate to ``entry`` (the optimizer at its best rate).
+
+    The step-time ratio is the median of ``paired``, the side-by-side ratios, when there are some: this shared
+    machine's speed drifts by up to 1.7x over hours, more than the optimizers differ. Else it is the best rates'
+    median step times over each other (``step_time_pairs`` 0).
+    """
     seconds, target = adamw["train_s_mean"], adamw["final_loss_mean"]
-    entry["step_time_ratio_vs_adamw"] = entry["median_step_s"] / adamw["median_step_s"]
+    entry["step_time_ratio_vs_adamw"] = (
+        statistics.median(paired) if paired else entry["median_step_s"] / adamw["median_step_s"]
+    )
+    entry["step_time_pairs"] = len(paired or [])
     for key in ("loss", "accuracy") if "accuracy" in runs[0]["curve"][0] else ("loss",):
         at = [value_at([(p["train_s"], p[key]) for p in r["curve"]], seconds) for r in runs]
         entry[f"{key}_at_adamw_seconds_mean"], entry[f"{key}_at_adamw_seconds_std"] = mean_std(at)
@@ -140,7 +158,9 @@ def summarize(results: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
         for name, entry in entries.items():
             runs = optimizers[name][entry["best_lr"]]
             if adamw is not None:
-                against_adamw(entry, runs, adamw)
+                every = [run for by_rate in optimizers[name].values() for run in by_rate]
+                paired = side_by_side(every, [run for by_rate in optimizers["adamw"].values() for run in by_rate])
+                against_adamw(entry, runs, adamw, paired)
             if entry["kind"] == "zeroth-order":
                 entry["at_forwards"] = at_forwards(runs, runs[0]["forward_budget"])
         summary[task] = entries
@@ -177,7 +197,8 @@ def provenance(runs: dict[str, dict[str, Any]]) -> list[str]:
         f"Machine: {', '.join(sorted({r['machine'] for r in values}))}; torch {first['torch']}; intra-op threads "
         f"{sorted({r['threads'] for r in values})}; 1-minute load average {min(loads):.2f} to {max(loads):.2f}.  ",
         f"Model: {', '.join(sorted({r['model'] for r in values}))} (fp32 base) with LoRA r=8, alpha 16 on q, k, v, o, "
-        f"gate, up, down; constant lr, batch {first['batch_size']}; mean ± std over seeds. Training seconds exclude "
+        f"gate, up, down; constant lr (the variants linear and cosine: edgetune train's decay to 0), batch "
+        f"{first['batch_size']}; mean ± std over seeds. Training seconds exclude "
         "evaluations.",
     ]
 
@@ -194,7 +215,9 @@ def summary_tables(entries: dict[str, dict[str, Any]]) -> list[str]:
     lines = [
         f"Each optimizer at its best rate against AdamW at its best: AdamW trained for {seconds} (mean over seeds) "
         f"to a final held-out loss of {target}. Loss (accuracy) at {seconds} is interpolated per seed on training "
-        "seconds; a run that ended earlier gives its final value.",
+        "seconds; a run that ended earlier gives its final value. x AdamW: the median step-time ratio of the runs made "
+        "side by side with an AdamW run (same command and seed, interleaved; how many in brackets), or of the best "
+        "rates' runs made apart, on a machine whose speed drifts by up to 1.7x over hours.",
         "",
         "| optimizer | best lr | interior | steps | final loss | final accuracy | step s | x AdamW "
         f"| loss at {seconds} | reaches {target} at | state MiB |",
@@ -203,6 +226,8 @@ def summary_tables(entries: dict[str, dict[str, Any]]) -> list[str]:
     for name, e in entries.items():
         accuracy = cell(e["final_accuracy_mean"], e["final_accuracy_std"]) if "final_accuracy_mean" in e else ""
         ratio = f"{e['step_time_ratio_vs_adamw']:.2f}" if "step_time_ratio_vs_adamw" in e else "n/a"
+        if name != "adamw" and "step_time_pairs" in e:
+            ratio += f" ({e['step_time_pairs']})" if e["step_time_pairs"] else " (apart)"
         at = cell(e["loss_at_adamw_seconds_mean"], e["loss_at_adamw_seconds_std"]) if adamw else "n/a"
         at += f" ({e['accuracy_at_adamw_seconds_mean']:.3f})" if "accuracy_at_adamw_seconds_mean" in e else ""
         at += " (ended earlier)" if e.get("ended_before_adamw_seconds") else ""

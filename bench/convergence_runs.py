@@ -14,6 +14,7 @@ import torch
 from convergence_tasks import Batch, Task
 
 logger = logging.getLogger("bench.convergence")
+Scheduler = torch.optim.lr_scheduler.LRScheduler
 
 
 @dataclass(frozen=True)
@@ -48,9 +49,15 @@ def evaluate(model: torch.nn.Module, task: Task, step: int, forwards: int, train
 
 
 def train_backprop(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, task: Task, seed: int, budget: Budget
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    task: Task,
+    seed: int,
+    budget: Budget,
+    scheduler: Scheduler | None = None,
 ) -> dict[str, Any]:
-    """``budget.steps`` steps of forward, backward and ``optimizer.step()``, evaluating every ``eval_every`` steps.
+    """``budget.steps`` steps of forward, backward and ``optimizer.step()``, evaluating every ``eval_every`` steps;
+    ``scheduler`` (None: a constant rate) sets the rate of each next step.
 
     Returns:
         ``curve``, ``train_loss`` and ``step_s`` per step, ``forwards_per_step`` (1) and ``state_bytes``.
@@ -71,6 +78,8 @@ def train_backprop(
             fisher.backward(output, sampled_grad)
         loss.backward()
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         step_s.append(time.perf_counter() - start)
         losses.append(float(loss.detach()))
         if step % budget.eval_every == 0 or step == budget.steps:
@@ -82,7 +91,13 @@ def train_backprop(
 
 @torch.no_grad()
 def train_zeroth_order(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, task: Task, seed: int, budget: Budget, steps: int
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    task: Task,
+    seed: int,
+    budget: Budget,
+    steps: int,
+    scheduler: Scheduler | None = None,
 ) -> dict[str, Any]:
     """``steps`` forward-only steps in eval mode; an evaluation each time another ``zo_eval_every`` forwards pass.
 
@@ -103,6 +118,8 @@ def train_zeroth_order(
 
         start = time.perf_counter()
         losses.append(float(optimizer.step(closure)))
+        if scheduler is not None:
+            scheduler.step()
         step_s.append(time.perf_counter() - start)
         passed = forwards // budget.zo_eval_every < (forwards + calls[0]) // budget.zo_eval_every
         forwards += calls[0]

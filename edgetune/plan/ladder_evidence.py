@@ -54,6 +54,21 @@ def best_zeroth_order(default: str = "hizoo") -> str:
     return min(tied, key=lambda name: _mean(compared, name, "seconds"))
 
 
+def measured_lr(optimizer: str, fallback: float) -> float:
+    """The learning rate the benchmark measured best for a strategy's optimizer, else ``fallback``.
+
+    Backprop: the one rate for all its tasks (``BACKPROP[...]["lr"]``, the least mean loss above each task's best).
+    Forward-only: its best rate, when every task it ran agrees on one. The benchmark trains LoRA r=8 on SmolLM2-135M
+    in fp32 at batch 4 and a constant rate; ``train.lr`` overrides it for other shapes.
+    """
+    name = bench_name(optimizer)
+    backprop = measured_convergence.BACKPROP.get(name, {}).get("lr")
+    if backprop is not None:
+        return float(backprop)
+    rates = {figures["lr"] for figures in measured_convergence.ZEROTH_ORDER.get(name, {}).values()}
+    return float(rates.pop()) if len(rates) == 1 else fallback
+
+
 def _zeroth_order_verdict(optimizer: str) -> str:
     """Why the forward-only rung is this optimizer, in words, or "" when it is not the measured best."""
     compared = _compared_zeroth_order()

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from edgetune.errors import EdgetuneError
-from edgetune.plan.ladder_evidence import best_zeroth_order
+from edgetune.plan.ladder_evidence import best_zeroth_order, measured_lr
 
 Precision = Literal["fp32", "bf16", "fp16", "nf4"]
 # What edgetune trains in; the planner also sizes fp16 for runs in other tools (``edgetune plan --precision``).
@@ -116,6 +116,8 @@ class Inference:
 
 Strategy = Backprop | ZerothOrder | Inference
 
+# The LoRA strategies' default rates are the ones bench/convergence.py measured best for their optimizer
+# (ladder_evidence.measured_lr; the fallback where nothing was measured); full fine-tuning's are conventional.
 STRATEGIES: dict[str, Strategy] = {
     s.name: s
     for s in (
@@ -125,7 +127,7 @@ STRATEGIES: dict[str, Strategy] = {
             base="bf16",
             lora=True,
             checkpointing=False,
-            default_lr=1e-3,
+            default_lr=measured_lr("adafish", fallback=1e-3),
             summary="AdaFish on LoRA over a bf16 base, activations kept",
         ),
         Backprop(
@@ -134,7 +136,7 @@ STRATEGIES: dict[str, Strategy] = {
             base="bf16",
             lora=True,
             checkpointing=True,
-            default_lr=1e-3,
+            default_lr=measured_lr("adafish", fallback=1e-3),
             summary="AdaFish on LoRA over a bf16 base, gradient checkpointing",
         ),
         Backprop(
@@ -143,7 +145,7 @@ STRATEGIES: dict[str, Strategy] = {
             base="nf4",
             lora=True,
             checkpointing=True,
-            default_lr=3e-4,
+            default_lr=measured_lr("scaled_adamw", fallback=3e-4),
             summary="ScaledAdamW on LoRA over a 4-bit NF4 base (QLoRA), gradient checkpointing",
         ),
         ZerothOrder(
@@ -151,7 +153,7 @@ STRATEGIES: dict[str, Strategy] = {
             optimizer="hizoo",
             base="nf4",
             lora=True,
-            default_lr=3e-4,  # measured best of 1e-4/3e-4/1e-3 (bench/results/convergence.md, sentiment)
+            default_lr=measured_lr("hizoo", fallback=3e-4),
             summary="HiZOO (forward-only) on LoRA over an NF4 base",
         ),
         ZerothOrder(
@@ -159,7 +161,7 @@ STRATEGIES: dict[str, Strategy] = {
             optimizer="mezo",
             base="nf4",
             lora=True,
-            default_lr=3e-4,  # measured best of 1e-4/3e-4/1e-3 (bench/results/convergence.md, sentiment)
+            default_lr=measured_lr("mezo", fallback=3e-4),
             summary="MeZO (forward-only) on LoRA over an NF4 base",
         ),
         ZerothOrder(
@@ -183,7 +185,7 @@ STRATEGIES: dict[str, Strategy] = {
             optimizer="fzoo",
             base="nf4",
             lora=True,
-            default_lr=1e-5,  # measured best of 3e-6/1e-5/3e-5 (bench/results/convergence.md, sentiment)
+            default_lr=measured_lr("fzoo", fallback=1e-5),
             summary="FZOO (forward-only, 9 forwards a step) on LoRA over an NF4 base",
         ),
         ZerothOrder(
@@ -200,7 +202,7 @@ STRATEGIES: dict[str, Strategy] = {
             base="bf16",
             lora=True,
             checkpointing=True,
-            default_lr=3e-4,
+            default_lr=measured_lr("adamw", fallback=3e-4),
             summary="baseline: torch AdamW on LoRA over a bf16 base, gradient checkpointing",
         ),
         Backprop(

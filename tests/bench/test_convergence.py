@@ -87,6 +87,33 @@ def test_zeroth_order_runs_spend_their_forward_budget(bench, tiny_trainable_dir,
     assert set(results["summary"]["sentiment"]["hizoo"]["at_forwards"]) == {"5", "10", "20"}
 
 
+def test_schedule_variants_decay_any_optimizer_by_edgetunes_own_schedule(bench, tiny_trainable_dir, tmp_path):
+    argv = ["--task", "sentiment", "--optimizer", "adamw,mezo", "--variant", "linear", "--lrs", "1e-3"]
+    results = run(bench, tiny_trainable_dir, tmp_path, *argv, "--steps", "2", "--forwards", "8")
+    assert set(results["runs"]) == {"sentiment/adamw/linear/0.001/0", "sentiment/mezo/linear/0.001/0"}
+    for record in results["runs"].values():
+        assert record["schedule"] == "linear" and record["options"] == {} and record["lr"] == 1e-3
+        assert record["last_lr"] == 0.0  # linear decay reaches 0 at the run's last step
+    assert set(results["summary"]["sentiment"]) == {"adamw/linear", "mezo/linear"}
+
+    constant = run(
+        bench,
+        tiny_trainable_dir,
+        tmp_path,
+        "--task",
+        "sentiment",
+        "--optimizer",
+        "mezo",
+        "--lrs",
+        "1e-3",
+        "--forwards",
+        "4",
+    )
+    record = constant["runs"]["sentiment/mezo/default/0.001/0"]
+    assert record["schedule"] == "constant" and record["last_lr"] == 1e-3
+    assert bench.main(["--plan", "--optimizer", "adamw", "--variant", "cosine", "--out", str(tmp_path)]) == 0
+
+
 def test_unknown_variants_are_refused_and_plan_runs_nothing(bench, tmp_path, capsys):
     assert "fzoo" in bench.default_optimizers("sentiment") and "mezo" in bench.default_optimizers("sentiment")
     assert "mezo" not in bench.default_optimizers("text")
@@ -165,3 +192,25 @@ def test_best_rate_interior_equal_time_and_steps_to_reach_on_hand_made_curves(be
     assert fish_summary["loss_at_adamw_seconds_mean"] == pytest.approx(2.525)  # halfway from 2.6 (20 s) to 2.45 (40 s)
     markdown = report.render({"runs": runs, "summary": report.summarize({"runs": runs})})
     assert "| adafish | 0.001 | **no** | 30 |" in markdown
+
+
+def test_step_time_ratios_come_from_runs_made_side_by_side(bench):
+    """The machine ran twice as fast in the second command; only the pairs made in one command say 1.1x."""
+    report = bench.report
+    curve = ([4.0, 3.0], [0, 10])
+
+    def made(optimizer, lr, step_s, command, seed=0):
+        return {**fake_run(optimizer, lr, *curve, seed=seed, step_s=step_s), "command": command}
+
+    runs = [
+        made("adamw", 1e-3, 2.0, "slow"),
+        made("adafish", 1e-2, 2.2, "slow"),  # the worse rate; its step costs the same
+        made("adamw", 1e-2, 1.0, "fast", seed=1),
+        made("adafish", 1e-3, 1.1, "fast", seed=1),
+        made("adafish", 1e-3, 1.1, "alone"),  # no AdamW run beside it
+    ]
+    summary = report.summarize({"runs": {str(i): r for i, r in enumerate(runs)}})["text"]["adafish"]
+    assert summary["step_time_ratio_vs_adamw"] == pytest.approx(1.1) and summary["step_time_pairs"] == 2
+    assert report.side_by_side([made("loraplus", 1e-3, 1.0, "alone")], runs[:1]) == []
+    apart = report.summarize({"runs": {"a": runs[0], "f": runs[4]}})["text"]["adafish"]
+    assert apart["step_time_ratio_vs_adamw"] == pytest.approx(0.55) and apart["step_time_pairs"] == 0

@@ -117,3 +117,41 @@ def test_every_backprop_rung_quotes_its_measurement_when_there_is_one(name):
     reason = decide.ladder_reason(name, {})
     has = ladder_evidence.bench_name(optimizer) in measured_convergence.BACKPROP
     assert ("measured: " in reason) == has
+
+
+def test_one_default_rate_for_all_tasks_is_the_least_relative_regret():
+    ladder = bench_module("convergence_ladder")
+
+    def entry(losses):
+        finite = {rate: loss for rate, loss in losses.items() if math.isfinite(loss)}
+        return {"final_loss_by_lr": losses, "final_loss_mean": min(finite.values())}
+
+    text = entry({"0.0003": 3.30, "0.001": 3.20, "0.003": 3.31})
+    sentiment = entry({"0.0001": 0.45, "0.0003": 0.40, "0.001": 0.46})
+    # Relative regret: 3e-4 is 3.1 % above text's best and 0 on sentiment (mean 1.6 %); 1e-3 is 0 and 15 % (7.5 %).
+    # In absolute terms 1e-3 would win (0.03 vs 0.05): the text's larger losses would decide alone.
+    assert ladder.default_lr([text, sentiment]) == 3e-4
+    assert ladder.default_lr([text]) == 1e-3
+    assert ladder.default_lr([text, entry({"0.01": 0.5})]) is None  # no rate was run on both tasks
+    diverged = entry({"0.0003": math.nan, "0.001": 0.5})
+    assert ladder.default_lr([text, diverged]) == 1e-3  # a rate that diverged anywhere is out
+    assert ladder.default_lr([entry({"0.001": 1.0, "0.0003": 1.0})]) == 3e-4  # a tie: the lower rate
+
+
+def test_the_strategies_train_at_the_measured_rates(monkeypatch):
+    zo = {"lr": 1e-5, "forwards": 999, "loss": 0.5, "accuracy": 0.7, "seconds": 60.0, "seeds": 3}
+    monkeypatch.setattr(measured_convergence, "BACKPROP", {"adafish": {"lr": 3e-4}, "adamw": {"lr": None}})
+    monkeypatch.setattr(
+        measured_convergence, "ZEROTH_ORDER", {"fzoo": {"sentiment": zo}, "mezo": {"a": zo, "b": {**zo, "lr": 3e-4}}}
+    )
+    assert ladder_evidence.measured_lr("adafish", fallback=1.0) == 3e-4
+    assert ladder_evidence.measured_lr("adamw", fallback=1.0) == 1.0  # no rate was run on all its tasks
+    assert ladder_evidence.measured_lr("scaled_adamw", fallback=2.0) == 2.0  # not measured
+    assert ladder_evidence.measured_lr("fzoo", fallback=1.0) == 1e-5
+    assert ladder_evidence.measured_lr("mezo", fallback=1.0) == 1.0  # its tasks disagree
+    # The committed figures are what the ladder's LoRA strategies default to.
+    monkeypatch.undo()
+    for name in decide.LADDER:
+        strategy = decide.STRATEGIES[name]
+        measured = ladder_evidence.measured_lr(strategy.optimizer, fallback=math.nan)
+        assert math.isnan(measured) or strategy.default_lr == measured

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -88,16 +89,17 @@ def test_a_move_down_the_ladder_keeps_the_schedule_where_it_was(tiny_trainable_d
 
     cfg = config(tiny_trainable_dir, tmp_path / "run", "train.steps=10", "lora.rank=4")
     source = resolve_model(str(tiny_trainable_dir))
-    session = build_session(
-        cfg, source, STRATEGIES["adafish-lora-gc"], torch.device("cpu"), micro_batch=1, accumulation=4, total_steps=10
-    )
+    # A rate unlike the next rung's default, so the test tells "the new rung's own rate" from "the old rate".
+    default = STRATEGIES["scaled-adamw-qlora-gc"].default_lr
+    adafish = dataclasses.replace(STRATEGIES["adafish-lora-gc"], default_lr=3 * default)
+    session = build_session(cfg, source, adafish, torch.device("cpu"), micro_batch=1, accumulation=4, total_steps=10)
     for _ in range(4):
         session.optimizer.step()
         session.scheduler.step()
-    assert session.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * 6 / 10)
+    assert session.optimizer.param_groups[0]["lr"] == pytest.approx(3 * default * 6 / 10)
     moved = shrink(session, cfg, source, torch.device("cpu"), 5, "test", 10)
     assert moved.strategy.name == "scaled-adamw-qlora-gc"
     # scaled-adamw's own default rate, decayed to step 4 of 10 as the run was.
     rates = [g["lr"] for g in moved.optimizer.param_groups]
-    assert rates == pytest.approx([3e-4 * 6 / 10] * len(rates))
+    assert rates == pytest.approx([default * 6 / 10] * len(rates))
     assert moved.scheduler.last_epoch == 4
