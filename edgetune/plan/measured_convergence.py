@@ -1,6 +1,6 @@
 """Figures measured by bench/convergence.py (``python bench/convergence.py --ladder``; do not edit).
 
-Source: bench/results/convergence.json (the table: bench/results/convergence.md), 74 runs, last written 2026-12-04.
+Source: bench/results/convergence.json (the table: bench/results/convergence.md), 75 runs, last written 2026-12-04.
 Backprop: per optimizer, means over the tasks it shares with AdamW, each at its best rate (default variant); ``lr``
 is the rate least above each task's best loss (relatively, on average) of those run on all of them: the default rate.
 Zeroth-order: per optimizer, its best rate's final held-out figures at the forward budget on each task it ran.
@@ -56,7 +56,7 @@ ZEROTH_ORDER: dict[str, dict[str, dict[str, Any]]] = {
         "sentiment": {"accuracy": 0.7552, "forwards": 999, "loss": 0.523, "lr": 1e-05, "seconds": 619.3, "seeds": 3}
     },
     "hizoo": {
-        "sentiment": {"accuracy": 0.7031, "forwards": 999, "loss": 0.6389, "lr": 0.0003, "seconds": 605.8, "seeds": 2}
+        "sentiment": {"accuracy": 0.6979, "forwards": 999, "loss": 0.6357, "lr": 0.0003, "seconds": 564.0, "seeds": 3}
     },
     "mezo": {
         "sentiment": {"accuracy": 0.7031, "forwards": 1000, "loss": 0.6091, "lr": 0.0003, "seconds": 591.6, "seeds": 3}
