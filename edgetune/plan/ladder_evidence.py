@@ -57,7 +57,8 @@ def best_zeroth_order(default: str = "hizoo") -> str:
 def measured_lr(optimizer: str, fallback: float) -> float:
     """The learning rate the benchmark measured best for a strategy's optimizer, else ``fallback``.
 
-    Backprop: the one rate for all its tasks (``BACKPROP[...]["lr"]``, the least mean loss above each task's best).
+    Backprop: the one rate for all its tasks (``BACKPROP[...]["lr"]``: the least above each task's best loss,
+    relatively, on average; bench/convergence_ladder.default_lr).
     Forward-only: its best rate, when every task it ran agrees on one. The benchmark trains LoRA r=8 on SmolLM2-135M
     in fp32 at batch 4 and a constant rate; ``train.lr`` overrides it for other shapes.
     """
