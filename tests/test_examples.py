@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from conftest import write_tiny_text
 
+from edgetune.plan.strategies import LADDER, STRATEGIES
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
@@ -49,18 +51,37 @@ def test_export_onnx_generates_with_onnxruntime(tiny_runs, tmp_path):
 
 
 @pytest.mark.default_model
-def test_zo_sentiment_on_the_default_model(tmp_path):
+def test_zo_sentiment_trains_the_plans_forward_only_rung(tmp_path):
+    rung = STRATEGIES[LADDER[-1]]
+    args = ("--train", "24", "--val", "16", "--forwards", str(2 * rung.forwards_per_step), "--output", "zo")
+    out = run_example("zo_sentiment.py", *args, cwd=tmp_path)
+    steps = f"after 2 {rung.optimizer} steps at lr {rung.default_lr:g} ({2 * rung.forwards_per_step} forward passes)"
+    assert "step 2/2" in out and f"on 16 reviews {steps}" in out
+    assert (tmp_path / "zo" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.default_model
+def test_zo_sentiment_takes_another_forward_only_strategy_and_refuses_a_backprop_one(tmp_path):
     out = run_example(
         "zo_sentiment.py",
+        "--strategy",
+        "hizoo-qlora",
         "--train",
-        "24",
+        "8",
         "--val",
-        "16",
-        "--steps",
-        "2",
+        "8",
+        "--forwards",
+        "3",
         "--output",
-        str(tmp_path / "zo"),
+        "zo",
         cwd=tmp_path,
     )
-    assert "step 2/2" in out and "on 16 reviews after 2 HiZOO steps (6 forward passes)" in out
-    assert (tmp_path / "zo" / "adapter_model.safetensors").is_file()
+    assert "after 1 hizoo steps" in out and "(3 forward passes)" in out
+    refused = subprocess.run(
+        [sys.executable, str(EXAMPLES / "zo_sentiment.py"), "--strategy", "adafish-lora"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 2 and "invalid choice: 'adafish-lora'" in refused.stderr

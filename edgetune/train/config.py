@@ -115,7 +115,10 @@ class TrainSection:
     lr: float | None = _field(None, "learning rate; null uses the strategy's default")
     steps: int | None = _field(DEFAULT_STEPS, "optimizer steps to run; null when train.epochs sets the length")
     epochs: float | None = _field(None, "passes over the training data (fractions allowed); setting it clears steps")
-    scheduler: SchedulerKind = _field("linear", "schedule after warmup: linear or cosine decay to 0, or constant")
+    scheduler: SchedulerKind | None = _field(
+        None,
+        "after warmup: linear or cosine decay to 0, or constant; null: linear, constant for forward-only strategies",
+    )
     warmup_steps: int = _field(0, "steps of linear warmup from 0 to the learning rate")
     warmup_ratio: float = _field(0.0, "warmup as a share of all steps, in [0, 1); use it or warmup_steps")
     weight_decay: float = _field(0.0, "decoupled weight decay of the optimizer")

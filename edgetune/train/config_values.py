@@ -47,9 +47,14 @@ def check_minimums(section: Any, name: str, **minimums: int) -> None:
             raise EdgetuneError(f"{name}.{key}={value} is below {low}", f"set {name}.{key} to an integer >= {low}")
 
 
+def is_union(hint: Any) -> bool:
+    """``X | None``: ``types.UnionType``, or ``typing.Union`` where X is a ``Literal`` (which ``|`` builds)."""
+    return isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+
+
 def coerce(key: str, value: Any, hint: Any) -> Any:
     """The value for a field of type ``hint``, after strict checks: no bools as numbers, no floats as ints."""
-    if isinstance(hint, types.UnionType):  # X | None
+    if is_union(hint):  # X | None
         if value is None:
             return None
         hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
@@ -86,11 +91,11 @@ def field_hints(cls: type) -> dict[str, Any]:
 
 
 def accepts_str(hint: Any) -> bool:
-    return hint is str or isinstance(hint, types.UnionType) and str in typing.get_args(hint)
+    return hint is str or is_union(hint) and str in typing.get_args(hint)
 
 
 def type_name(hint: Any) -> str:
-    if isinstance(hint, types.UnionType):
+    if is_union(hint):
         return " | ".join("null" if arg is type(None) else type_name(arg) for arg in typing.get_args(hint))
     if typing.get_origin(hint) is Literal:
         return " | ".join(typing.get_args(hint))

@@ -22,7 +22,7 @@ from edgetune.errors import EdgetuneError
 from edgetune.plan.strategies import LADDER, STRATEGIES, Strategy
 from edgetune.train.checkpoint import capture_rng_state, load_latest_checkpoint, restore_rng_state, save_checkpoint
 from edgetune.train.loading import load_model
-from edgetune.train.schedule import make_scheduler, restore_scheduler
+from edgetune.train.schedule import default_schedule, make_scheduler, restore_scheduler
 from edgetune.train.step import OptimizerSettings, make_optimizer
 
 logger = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ def build_session(
     optimizer = make_optimizer(strategy, model, settings)
     scheduler = make_scheduler(
         optimizer,
-        train.scheduler,
+        train.scheduler or default_schedule(strategy.needs_backward),
         warmup_steps=train.warmup(total_steps),
         total_steps=total_steps,
         at_step=at_step,

@@ -103,3 +103,34 @@ def test_a_move_down_the_ladder_keeps_the_schedule_where_it_was(tiny_trainable_d
     rates = [g["lr"] for g in moved.optimizer.param_groups]
     assert rates == pytest.approx([default * 6 / 10] * len(rates))
     assert moved.scheduler.last_epoch == 4
+
+
+@pytest.mark.parametrize(
+    ("strategy", "scheduler", "rate_at_step_4"),
+    [
+        ("fzoo-qlora", None, 1.0),  # forward-only: a constant rate unless the config names a schedule
+        ("hizoo-qlora", None, 1.0),
+        ("adafish-lora", None, 0.6),  # backprop: linear decay to 0 over the 10 steps
+        ("hizoo-qlora", "linear", 0.6),
+        ("adafish-lora", "constant", 1.0),
+    ],
+)
+def test_the_default_schedule_depends_on_whether_the_strategy_backpropagates(
+    tiny_trainable_dir, tmp_path, strategy, scheduler, rate_at_step_4
+):
+    from edgetune.plan.sources import resolve_model
+    from edgetune.plan.strategies import STRATEGIES
+    from edgetune.train.schedule import move_to
+    from edgetune.train.session import build_session
+
+    chosen = [] if scheduler is None else [f"train.scheduler={scheduler}"]
+    cfg = config(tiny_trainable_dir, tmp_path / "run", "train.steps=10", "lora.rank=4", *chosen)
+    assert cfg.train.scheduler == scheduler
+    chosen_strategy = STRATEGIES[strategy]
+    source = resolve_model(str(tiny_trainable_dir))
+    session = build_session(
+        cfg, source, chosen_strategy, torch.device("cpu"), micro_batch=1, accumulation=1, total_steps=10
+    )
+    move_to(session.scheduler, 4)
+    rates = [g["lr"] for g in session.optimizer.param_groups]
+    assert rates == pytest.approx([chosen_strategy.default_lr * rate_at_step_4] * len(rates))
