@@ -7,7 +7,8 @@ it from perturbed losses and are compared at equal forward passes. All run at we
 Variants are keyword arguments for an optimizer's constructor, chosen with ``--variant`` and stored as a separate
 optimizer ("adafish/identity"); "default" is edgetune's setting. Two more variants apply to every optimizer: "linear"
 and "cosine" keep its default options and decay the rate to 0 over the run by ``edgetune train``'s own schedule
-(``train.scheduler``, linear by default), where every other run holds it constant; they measure what a user's run does.
+(``train.scheduler``: linear by default for backprop, constant for forward-only strategies, a default these variants
+measured), where every other run holds it constant; they measure what a user's run does.
 """
 
 from collections.abc import Callable
